@@ -1,0 +1,62 @@
+"""The contract between a distillation loss and the training loop."""
+from __future__ import annotations
+
+from typing import ClassVar, Optional
+
+from torch import Tensor, nn
+
+from losses.features import Features
+
+
+class DistillLoss(nn.Module):
+    """Base class of every registered distillation criterion.
+
+    A subclass keeps the reference's tensor-level ``forward`` (e.g. ``KD(logit_s, logit_t)``)
+    and adds two adapters so the training loop stays loss-agnostic:
+
+    * :meth:`from_features` builds the loss for a given pair of networks, reading the shapes it
+      needs (channels of the hint layer, embedding widths, ...) from one batch of features;
+    * :meth:`forward_features` picks the tensors it consumes out of :class:`Features`.
+
+    Losses that need a first stage before distillation (AB, FT, FSP) set
+    ``needs_init_stage = True`` and implement :meth:`init_stage_loss`.
+    """
+
+    registry_name: ClassVar[str] = ""
+    #: β a recipe uses when it sets none: the reference's command-line default for this loss.
+    default_weight: ClassVar[float] = 1.0
+    #: True when the loss needs a first stage before distillation (AB, FT, FSP).
+    needs_init_stage: ClassVar[bool] = False
+    #: Whether that first stage trains the student (AB, FSP) or only the loss's own modules (FT).
+    init_stage_trains_student: ClassVar[bool] = False
+
+    @classmethod
+    def from_features(
+        cls,
+        student: Features,
+        teacher: Features,
+        *,
+        n_data: Optional[int] = None,
+        labels: Optional[Tensor] = None,
+        **options,
+    ) -> "DistillLoss":
+        """Build the loss for networks that produce ``student`` and ``teacher`` features.
+
+        ``n_data`` (dataset size) and ``labels`` (one class label per dataset row) are only
+        used by losses with a memory bank; the others ignore them.
+        """
+        return cls(**options)
+
+    def forward_features(
+        self,
+        student: Features,
+        teacher: Features,
+        index: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+    ) -> Tensor:
+        """The loss for one batch, read from the two networks' features."""
+        raise NotImplementedError
+
+    def init_stage_loss(self, student: Features, teacher: Features) -> Tensor:
+        """The loss minimised during the first stage (only when ``needs_init_stage``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no first stage")
