@@ -1,0 +1,97 @@
+"""Scores of anchors against selected memory-bank rows, without the reference's big gather.
+
+The critic needs ``x[b, j] = <bank[idx[b, j]], v[b]>`` for ``K + 1`` rows per anchor. The
+reference gathers a ``(B, K+1, d)`` tensor per view and keeps it for backward (512 MiB at B=64,
+K=16384, d=128). Two cheaper routes to the same numbers:
+
+* ``"full"``: score every bank row with one matrix product ``v @ bank.T`` ``(B, N)`` and pick
+  the ``K + 1`` columns. Pays when ``N`` is not much larger than ``K + 1`` (CIFAR, STL-10).
+* ``"gather"``: gather rows in small batches of anchors, so at most a few MiB are live at once.
+
+The gradient is ``dL/dv[b] = sum_j g[b, j] * bank[idx[b, j]]``: on the full route a scatter
+into ``(B, N)`` and one matmul, on the gather route a weighted ``embedding_bag`` that never
+materialises the gathered rows. The bank is saved for backward
+without a copy; autograd's version counter turns any in-place bank update between forward and
+backward into a loud error instead of a silently wrong gradient.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SCORING_MODES = ("auto", "full", "gather")
+
+# "auto" scores the whole bank when N <= FULL_SCORING_RATIO * (K + 1). Chosen from
+# benchmarks/contrastive_core.py on the 2-core CPU machine (see that script's output).
+FULL_SCORING_RATIO = 16
+# Rows of (K+1) x d gathered at once on the gather route: about 8 MiB live at most.
+_GATHER_CHUNK_ELEMENTS = 1 << 21
+
+
+def choose_scoring(mode: str, n_data: int, k: int) -> str:
+    """Resolve ``"auto"`` to ``"full"`` or ``"gather"`` for a bank of ``n_data`` rows."""
+    if mode not in SCORING_MODES:
+        raise ValueError(f"scoring={mode!r}: expected one of {SCORING_MODES}")
+    if mode != "auto":
+        return mode
+    return "full" if n_data <= FULL_SCORING_RATIO * (k + 1) else "gather"
+
+
+class _BankScores(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, anchors: Tensor, bank: Tensor, idx: Tensor, route: str) -> Tensor:
+        ctx.save_for_backward(bank, idx)
+        ctx.route = route
+        if route == "full":
+            return torch.gather(anchors @ bank.to(anchors.dtype).T, 1, idx)
+        out = anchors.new_empty(idx.shape)
+        for rows, picked in _gathered_chunks(bank, idx, anchors.dtype):
+            out[rows] = torch.bmm(picked, anchors[rows, :, None])[..., 0]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_scores: Tensor):
+        bank, idx = ctx.saved_tensors
+        if ctx.route == "full":
+            # Scatter the K+1 column gradients into a (B, N) matrix and use one matmul: at the
+            # bank sizes where "full" is chosen this beats gathering B*(K+1) rows again.
+            dense = grad_scores.new_zeros((idx.shape[0], bank.shape[0])).scatter_add_(1, idx, grad_scores)
+            grad_anchors = dense @ bank.to(dense.dtype)
+        elif bank.dtype == grad_scores.dtype:
+            grad_anchors = F.embedding_bag(idx, bank, per_sample_weights=grad_scores, mode="sum")
+        else:  # a low-precision bank: upcast only the rows in use
+            grad_anchors = grad_scores.new_empty((idx.shape[0], bank.shape[1]))
+            for rows, picked in _gathered_chunks(bank, idx, grad_scores.dtype):
+                grad_anchors[rows] = torch.bmm(grad_scores[rows, None, :], picked)[:, 0]
+        return grad_anchors, None, None, None
+
+
+def _gathered_chunks(bank: Tensor, idx: Tensor, dtype: torch.dtype):
+    """Yield ``(rows, bank[idx[rows]])`` for slices of anchors, each ``(b, K+1, d)`` and small.
+
+    One buffer is reused for every slice: a fresh multi-MiB tensor per slice costs page faults
+    that, on the CPU, take longer than the copy itself.
+    """
+    step = max(1, _GATHER_CHUNK_ELEMENTS // (idx.shape[1] * bank.shape[1]))
+    buffer = bank.new_empty((step * idx.shape[1], bank.shape[1]))
+    for start in range(0, idx.shape[0], step):
+        rows = slice(start, start + step)
+        flat = idx[rows].reshape(-1)
+        picked = torch.index_select(bank, 0, flat, out=buffer[: flat.numel()])
+        yield rows, picked.view(-1, idx.shape[1], bank.shape[1]).to(dtype)
+
+
+def bank_scores(anchors: Tensor, bank: Tensor, idx: Tensor, route: str) -> Tensor:
+    """Inner products of each anchor with its selected bank rows.
+
+    Args:
+        anchors: ``(B, d)`` embeddings (gradients flow to these).
+        bank: ``(N, d)`` memory bank (treated as a constant).
+        idx: ``(B, K+1)`` long, rows of ``bank`` per anchor.
+        route: ``"full"`` or ``"gather"`` (see :func:`choose_scoring`).
+
+    Returns:
+        ``(B, K+1)`` scores in ``anchors``' dtype.
+    """
+    return _BankScores.apply(anchors, bank.detach(), idx, route)

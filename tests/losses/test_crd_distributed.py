@@ -1,0 +1,83 @@
+"""Two gloo processes: banks identical on both ranks, and equal to one process at the same batch."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from losses.crd import CRDLoss
+
+N, K, GLOBAL_BATCH, STEPS = 64, 20, 8, 5
+
+
+class Student(nn.Module):
+    """A linear 'student' and its CRD critic, wrapped together as a training loop would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(10, 12)
+        self.crd = CRDLoss(12, 9, N, feat_dim=8, nce_k=K, seed=5)
+
+    def forward(self, x, f_t, index):
+        return self.crd(self.body(x), f_t, index)
+
+
+def _batches():
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for step in range(STEPS):
+        index = torch.randperm(N, generator=g)[:GLOBAL_BATCH]
+        if step == 2:  # the same row on both ranks: the update must resolve it identically
+            index[GLOBAL_BATCH - 1] = index[0]
+        out.append((torch.randn(GLOBAL_BATCH, 10, generator=g), torch.randn(GLOBAL_BATCH, 9, generator=g), index))
+    return out
+
+
+def _train(rank: int, world: int) -> dict[str, torch.Tensor]:
+    model = Student()
+    wrapped = DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.5)
+    share = GLOBAL_BATCH // world
+    for x, f_t, index in _batches():
+        rows = slice(rank * share, (rank + 1) * share)
+        loss = wrapped(x[rows], f_t[rows], index[rows])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(_train(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_hold_identical_banks_equal_to_one_process(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    rank1 = torch.load(tmp_path / "rank1.pt")
+    for key in ("crd.memory.student_bank", "crd.memory.teacher_bank", "crd.memory.log_z", "crd.sampler_state"):
+        assert float((rank0[key].double() - rank1[key].double()).abs().max()) == 0.0, key
+    single = _train(0, 1)
+    for key, value in single.items():
+        torch.testing.assert_close(rank0[key], value, rtol=1e-5, atol=1e-6, msg=key)
