@@ -29,6 +29,10 @@ class DistillLoss(nn.Module):
     needs_init_stage: ClassVar[bool] = False
     #: Whether that first stage trains the student (AB, FSP) or only the loss's own modules (FT).
     init_stage_trains_student: ClassVar[bool] = False
+    #: Whether the loss adds a distillation term once the first stage is over. False for AB and
+    #: FSP: the reference only uses them to initialise the student, so a loop may skip their
+    #: ``forward_features`` after the first stage (it returns a graph-connected zero if called).
+    distill_after_init: ClassVar[bool] = True
 
     @classmethod
     def from_features(
