@@ -1,0 +1,154 @@
+"""Backbone checkpoints that know which network they hold.
+
+A file is a dict ``{"arch", "in_channels", "num_classes", "kwargs", "state_dict",
+"xmodal_version"}`` written atomically, so a crash never leaves half a checkpoint behind.
+Loading into the wrong network fails with one line naming the file and the difference.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+
+from xmodal import __version__
+from xmodal.errors import CheckpointError
+from xmodal.models.base import Backbone
+from xmodal.models.registry import INIT_ONLY_KWARGS, build_model
+
+PathLike = Union[str, os.PathLike]
+_KEYS = ("arch", "in_channels", "num_classes", "kwargs", "state_dict", "xmodal_version")
+_SHOWN = 3  # keys listed per kind of state-dict mismatch
+
+
+def save_backbone(path: PathLike, model: Backbone) -> Path:
+    """Write ``model`` (architecture + weights) to ``path`` atomically; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "arch": model.arch,
+        "in_channels": model.in_channels,
+        "num_classes": model.num_classes,
+        "kwargs": dict(model.build_kwargs),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "xmodal_version": __version__,
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_checkpoint(path: PathLike, role: str = "") -> dict[str, Any]:
+    """The checkpoint dict at ``path``; missing, corrupt or foreign files raise CheckpointError."""
+    name = _name(path, role)
+    if not Path(path).is_file():
+        raise CheckpointError(f"{name} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises pickle, zip and runtime errors alike for bad files
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        raise CheckpointError(f"{name} is not readable ({reason})") from err
+    missing = [k for k in _KEYS if not isinstance(payload, dict) or k not in payload]
+    if missing:
+        raise CheckpointError(f"{name} is not an xmodal backbone checkpoint (missing {', '.join(missing)})")
+    return payload
+
+
+def load_backbone(path: PathLike, role: str = "", **expected: Any) -> Backbone:
+    """Rebuild the backbone saved at ``path`` and load its weights.
+
+    ``expected`` (``arch``, ``in_channels``, ``num_classes`` or any architecture keyword such as
+    ``width``) must match what the file holds, else CheckpointError.
+    """
+    payload = read_checkpoint(path, role)
+    held = _identity(payload, skip_classifier=False)
+    _check_same(held, {**held, **expected}, path, role)
+    kwargs = {**payload["kwargs"], **{k: v for k, v in INIT_ONLY_KWARGS.items() if k in payload["kwargs"]}}
+    model = build_model(payload["arch"], payload["in_channels"], payload["num_classes"], **kwargs)
+    _load_state(model, payload["state_dict"], path, role)
+    return model
+
+
+def load_weights_into(
+    model: Backbone, path: PathLike, role: str = "", skip_classifier: bool = False
+) -> Backbone:
+    """Load the weights at ``path`` into ``model`` (returned) after checking they were made for it.
+
+    ``skip_classifier`` ignores ``fc`` on both sides, e.g. to finetune a distilled encoder with a
+    new head. Example message: ``teacher checkpoint t.pt holds arch 'resnet32x4' (in_channels=1),
+    expected 'resnet8' (in_channels=1)``.
+    """
+    payload = read_checkpoint(path, role)
+    held = _identity(payload, skip_classifier)
+    header = {"arch": model.arch, "in_channels": model.in_channels, "num_classes": model.num_classes,
+              "kwargs": model.build_kwargs}
+    want = _identity(header, skip_classifier)
+    _check_same(held, want, path, role)
+    state = payload["state_dict"]
+    if skip_classifier:
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    _load_state(model, state, path, role, skip_classifier)
+    return model
+
+
+def _load_state(
+    model: Backbone, state: dict[str, Tensor], path: PathLike, role: str, skip_classifier: bool = False
+) -> None:
+    own = {k: v for k, v in model.state_dict().items() if not (skip_classifier and k.startswith("fc."))}
+    problems = []
+    for label, keys in (("missing", own.keys() - state.keys()), ("unexpected", state.keys() - own.keys())):
+        if keys:
+            problems.append(f"{label} keys {_few(sorted(keys))}")
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own.keys() & state.keys()
+              if state[k].shape != own[k].shape]
+    if shapes:
+        problems.append(f"shape mismatch {_few(sorted(shapes))}")
+    if problems:
+        raise CheckpointError(f"{_name(path, role)} does not fit {model.arch}: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=not skip_classifier)
+
+
+def _identity(header: dict[str, Any], skip_classifier: bool) -> dict[str, Any]:
+    """What must agree between a file and a model; initial-weight choices need not."""
+    ident = {"arch": header["arch"], "in_channels": header["in_channels"]}
+    if not skip_classifier:
+        ident["num_classes"] = header["num_classes"]
+    ident.update({k: v for k, v in header["kwargs"].items() if k not in INIT_ONLY_KWARGS})
+    return ident
+
+
+def _check_same(held: dict[str, Any], want: dict[str, Any], path: PathLike, role: str) -> None:
+    differ = [k for k in {**held, **want} if held.get(k) != want.get(k)]
+    if differ:
+        # arch and in_channels always shown: they are what a reader checks first
+        keys = ["arch", "in_channels"] + [k for k in differ if k not in ("arch", "in_channels")]
+        raise CheckpointError(
+            f"{_name(path, role)} holds {_describe({k: held.get(k) for k in keys})}, "
+            f"expected {_describe({k: want.get(k) for k in keys}, prefix='')}"
+        )
+
+
+def _describe(fields: dict[str, Any], prefix: str = "arch ") -> str:
+    """``{"arch": "resnet8", "in_channels": 1}`` -> ``arch 'resnet8' (in_channels=1)``."""
+    rest = ", ".join(f"{k}={v!r}" for k, v in fields.items() if k != "arch")
+    return f"{prefix}{fields['arch']!r}" + (f" ({rest})" if rest else "")
+
+
+def _few(items: list[str]) -> str:
+    more = f" (+{len(items) - _SHOWN} more)" if len(items) > _SHOWN else ""
+    return ", ".join(items[:_SHOWN]) + more
+
+
+def _name(path: PathLike, role: str) -> str:
+    return f"{role} checkpoint {path}" if role else f"checkpoint {path}"
