@@ -61,6 +61,10 @@ class DistillLoss(nn.Module):
         """The loss for one batch, read from the two networks' features."""
         raise NotImplementedError
 
-    def init_stage_loss(self, student: Features, teacher: Features) -> Tensor:
-        """The loss minimised during the first stage (only when ``needs_init_stage``)."""
+    def init_stage_loss(self, student: Optional[Features], teacher: Features) -> Tensor:
+        """The loss minimised during the first stage (only when ``needs_init_stage``).
+
+        ``student`` is ``None`` when the first stage does not train the student
+        (``init_stage_trains_student`` is False): the loop then skips the student's forward.
+        """
         raise NotImplementedError(f"{type(self).__name__} has no first stage")

@@ -120,7 +120,7 @@ class FT(DistillLoss):
         f_s, f_t = _last_maps(student, teacher)
         return cls(f_s.shape[1], f_t.shape[1], **options)
 
-    def init_stage_loss(self, student: Features, teacher: Features) -> Tensor:
+    def init_stage_loss(self, student: Optional[Features], teacher: Features) -> Tensor:
         """Reconstruction error of the paraphraser on the teacher's ``maps[-1]`` (student unused)."""
         f_t = teacher.maps[-1]
         self._check_channels(f_t, self.paraphraser.encoder[0], "teacher")
