@@ -1,0 +1,71 @@
+"""The command line: listing, a tiny end-to-end run, and one-line errors on bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from xmodal import __version__
+from xmodal.cli import main
+
+TINY = [
+    "data.options={num_samples: 96}", "teacher.train.epochs=1", "teacher.train.batch_size=32",
+    "distill.methods=[random,crd,kd]", "distill.train.epochs=1", "distill.train.batch_size=32",
+    "distill.loss_options.crd.nce_k=32", "linear_probe.epochs=2", "finetune.epochs=1",
+    "finetune.batch_size=32", "student.options={width: 4}", "teacher.model.options={width: 4}",
+    "data.num_workers=0",
+]
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_version_and_recipes(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert __version__ in capsys.readouterr().out
+    assert main(["recipes"]) == 0
+    assert "lab-color-transfer" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_tiny_lab_run_writes_a_complete_report(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "lab-color-transfer", f"output_dir={out}", *TINY]) == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = {(r["method"], r["protocol"]) for r in report["results"]}
+    assert rows == {(m, p) for m in ("random", "crd", "kd") for p in ("linear_probe", "finetune")}
+    assert all(r["metric"] == "top1" and 0 <= r["value"] <= 100 for r in report["results"])
+    assert 0 <= report["teacher"]["top1"] <= 100 and report["config"]["distill"]["methods"] == ["random", "crd", "kd"]
+    assert (out / "report.png").stat().st_size > 0 and "| crd |" in (out / "report.md").read_text()
+    assert (out / "config.yaml").exists()
+    # running again resumes: every stage is finished, so nothing trains and the numbers repeat
+    first = (out / "report.json").read_text()
+    assert main(["run", "lab-color-transfer", f"output_dir={out}", *TINY]) == 0
+    assert json.loads(first)["results"] == json.loads((out / "report.json").read_text())["results"]
+
+
+def test_misspelt_key_is_one_line_exit_2(tmp_path, capsys):
+    assert main(["run", "lab-color-transfer", f"output_dir={tmp_path / 'x'}", "distill.train.epoch=3"]) == 2
+    assert "did you mean 'distill.train.epochs'" in _error(capsys)
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_data_root_is_one_line_exit_2(tmp_path, capsys):
+    out = tmp_path / "x"
+    code = main(["run", "lab-color-transfer", f"output_dir={out}", "data=imagefolder", f"data.root={tmp_path / 'nope'}"])
+    assert code == 2
+    assert f"data root {tmp_path / 'nope'} does not exist" in _error(capsys)
+    assert not out.exists()
+
+
+def test_empty_folder_is_one_line_exit_2(tmp_path, capsys):
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    code = main(["run", "lab-color-transfer", f"output_dir={tmp_path / 'x'}", "data=imagefolder",
+                 f"data.root={tmp_path / 'empty'}"])
+    assert code == 2
+    assert f"no images found under {tmp_path / 'empty' / 'train'}" in _error(capsys)

@@ -1,0 +1,77 @@
+"""Recipes, overrides and the errors a mistyped key gets."""
+from __future__ import annotations
+
+import pytest
+
+from xmodal.config import parse_overrides, read_recipe, resolve
+from xmodal.errors import ConfigError
+from xmodal.tasks.transfer import TransferConfig
+
+SCHEMAS = {"transfer": TransferConfig}
+
+
+def test_builtin_recipe_resolves_to_typed_config():
+    cfg = resolve("lab-color-transfer", [], SCHEMAS)
+    assert isinstance(cfg, TransferConfig)
+    assert cfg.modality.teacher_view == "L" and cfg.modality.student_view == "ab"
+    assert "crd" in cfg.distill.methods and "random" in cfg.distill.methods
+    assert cfg.distill.loss_options["crd"]["nce_t"] == 0.07
+
+
+def test_overrides_are_typed_and_dotted():
+    cfg = resolve("lab-color-transfer", ["distill.train.epochs=3", "distill.methods=[random,crd]",
+                                         "linear_probe.lr=0.5", "seed=7"], SCHEMAS)
+    assert cfg.distill.train.epochs == 3
+    assert cfg.distill.methods == ["random", "crd"]
+    assert cfg.linear_probe.lr == 0.5 and cfg.seed == 7
+
+
+def test_section_shorthand_sets_the_name():
+    cfg = resolve("lab-color-transfer", ["data=stl10", "data.root=/somewhere"], SCHEMAS)
+    assert cfg.data.name == "stl10" and cfg.data.root == "/somewhere"
+
+
+def test_quick_block_applies_only_when_asked():
+    full = resolve("lab-color-transfer", [], SCHEMAS)
+    quick = resolve("lab-color-transfer", ["quick=true"], SCHEMAS)
+    assert quick.quick and quick.distill.train.epochs < full.distill.train.epochs
+    # an explicit override wins over the quick block
+    both = resolve("lab-color-transfer", ["quick=true", "distill.train.epochs=4"], SCHEMAS)
+    assert both.distill.train.epochs == 4
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("distill.train.epoch=3", "unknown recipe key 'distill.train.epoch'; did you mean 'distill.train.epochs'"),
+    ("teacher.modle.arch=resnet20", "did you mean 'teacher.model"),
+    ("linear_prob.epochs=3", "did you mean 'linear_probe"),
+])
+def test_unknown_key_names_the_nearest_valid_key(override, expected):
+    with pytest.raises(ConfigError, match=expected.replace(".", r"\.").replace("(", r"\(")):
+        resolve("lab-color-transfer", [override], SCHEMAS)
+
+
+def test_wrong_types_are_named():
+    with pytest.raises(ConfigError, match="distill.train.epochs must be an integer, got 'many'"):
+        resolve("lab-color-transfer", ["distill.train.epochs=many"], SCHEMAS)
+    with pytest.raises(ConfigError, match="quick must be true or false"):
+        resolve("lab-color-transfer", ["quick=3"], SCHEMAS)
+    with pytest.raises(ConfigError, match="optim.schedule='linear'"):
+        resolve("lab-color-transfer", ["finetune.optim.schedule=linear"], SCHEMAS)
+
+
+def test_unknown_recipe_and_malformed_override():
+    with pytest.raises(ConfigError, match="did you mean 'lab-color-transfer'"):
+        read_recipe("lab-colour-transfer")
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        parse_overrides(["epochs"])
+
+
+def test_recipe_file_by_path(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("task: transfer\ndistill: {methods: [crd]}\n")
+    cfg = resolve(str(path), [], SCHEMAS)
+    assert cfg.recipe == "mine" and cfg.distill.methods == ["crd"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: transfer\ndistill: [oops\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        resolve(str(bad), [], SCHEMAS)

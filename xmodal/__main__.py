@@ -1,0 +1,6 @@
+"""``python -m xmodal`` and ``accelerate launch -m xmodal``."""
+import sys
+
+from xmodal.cli import main
+
+sys.exit(main())

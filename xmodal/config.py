@@ -1,0 +1,218 @@
+"""Recipes: YAML files read into typed dataclasses, with ``key=value`` overrides from the CLI.
+
+A recipe names its ``task`` (which schema it follows); every other key must exist in that
+schema. An unknown key is rejected with the nearest valid one, so a typo never silently falls
+back to a default. The resolved config is written next to the run's outputs: it is the record
+of what ran.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from xmodal.errors import ConfigError
+
+RECIPE_SUFFIX = ".yaml"
+
+
+# ----------------------------------------------------------------- recipe files
+def recipe_dir() -> Path:
+    """The folder holding the built-in recipes (the top-level ``recipes`` package)."""
+    return Path(str(resources.files("recipes")))
+
+
+def available_recipes() -> dict[str, str]:
+    """Built-in recipe names and their one-line descriptions."""
+    out = {}
+    for path in sorted(recipe_dir().glob(f"*{RECIPE_SUFFIX}")):
+        data = yaml.safe_load(path.read_text()) or {}
+        out[path.stem] = str(data.get("description", "")).strip().splitlines()[0] if data.get("description") else ""
+    return out
+
+
+def read_recipe(name_or_path: str) -> dict[str, Any]:
+    """The raw mapping of a built-in recipe (by name) or of a YAML file (by path)."""
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.exists()):
+        path = recipe_dir() / f"{name_or_path}{RECIPE_SUFFIX}"
+        if not path.exists():
+            names = list(available_recipes())
+            near = difflib.get_close_matches(name_or_path, names, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"unknown recipe {name_or_path!r}{hint} Available: {', '.join(names)}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must hold a mapping of keys, got {type(data).__name__}")
+    data.setdefault("recipe", path.stem)
+    return data
+
+
+# ------------------------------------------------------------------ overrides
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """``["a.b=3", "data=stl10"]`` -> ``[("a.b", 3), ("data", "stl10")]`` (values parsed as YAML)."""
+    out = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``data["a"]["b"] = value`` for ``key = "a.b"``, creating mappings on the way."""
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if isinstance(child, str):  # "data: stl10" shorthand followed by "data.root=..."
+            child = {"name": child}
+        elif not isinstance(child, dict):
+            child = {}
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+# ------------------------------------------------------------ typed structure
+def _valid_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        keys.append(prefix + f.name)
+        sub = _dataclass_of(typing.get_type_hints(cls)[f.name])
+        if sub is not None:
+            keys.extend(_valid_keys(sub, prefix + f.name + "."))
+    return keys
+
+
+def _dataclass_of(tp: Any) -> Optional[type]:
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if dataclasses.is_dataclass(arg):
+                return arg
+    return None
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot be {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key + ".")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def from_dict(cls: type, data: Any, prefix: str = "", root: Optional[type] = None) -> Any:
+    """Build dataclass ``cls`` from a mapping; unknown keys raise with the nearest valid key."""
+    root = root or cls
+    if isinstance(data, str) and "name" in {f.name for f in dataclasses.fields(cls)}:
+        data = {"name": data}  # "data: stl10" means data.name = stl10
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            full = prefix + str(key)
+            valid = _valid_keys(root)
+            near = difflib.get_close_matches(full, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"unknown recipe key {full!r}{hint}")
+        sub = _dataclass_of(hints[key])
+        if sub is not None and (isinstance(value, (dict, str)) or value is None) and not (value is None and type(None) in typing.get_args(hints[key])):
+            kwargs[key] = from_dict(sub, value, prefix + key + ".", root)
+        else:
+            kwargs[key] = _coerce(value, hints[key], prefix + key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'}: {err}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass tree as plain mappings (for YAML/JSON)."""
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def resolve(recipe: str, overrides: list[str], schemas: dict[str, type]) -> Any:
+    """Read ``recipe``, apply its quick block if ``quick=true``, then the overrides; type it.
+
+    Args:
+        recipe: a built-in recipe name or a YAML path.
+        overrides: ``key=value`` strings, dotted keys for nested sections.
+        schemas: task name -> dataclass of that task's config.
+    """
+    data = read_recipe(recipe)
+    parsed = parse_overrides(overrides)
+    for key, value in parsed:
+        if key == "quick":
+            data["quick"] = value
+    quick_block = data.pop("quick_overrides", {}) or {}
+    if data.get("quick"):
+        for key, value in quick_block.items():
+            set_dotted(data, key, value)
+    for key, value in parsed:
+        set_dotted(data, key, value)
+    task = data.get("task")
+    if task not in schemas:
+        raise ConfigError(f"recipe {recipe!r} has task {task!r}; expected one of {sorted(schemas)}")
+    return from_dict(schemas[task], data)

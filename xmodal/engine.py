@@ -1,0 +1,407 @@
+"""Training on Accelerate: devices, mixed precision, processes; atomic checkpoints and resume.
+
+One ``Engine`` per ``xmodal run``. Each stage of a recipe (teacher, a distillation method, a
+finetune) is a :class:`Stage`: a module holding everything trainable, a step function that
+returns named loss terms, a dataset and a schedule. :meth:`Engine.fit` runs it epoch by epoch,
+writes a full-state checkpoint after every epoch (one file, replaced atomically) and, when the
+stage's folder already holds one, continues from it.
+
+Data order is a pure function of ``(seed, epoch)`` and each rank takes its slice of every
+*global* batch, so a run on P processes sees the same batches as one process at the same
+global batch size, and a resumed run the same batches as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from xmodal.errors import CheckpointError, ConfigError, XmodalError
+
+CHECKPOINT = "checkpoint.pt"
+FINAL = "final.pt"
+RESULT = "result.json"
+
+
+class NonFiniteLossError(XmodalError, FloatingPointError):
+    """A loss term became NaN or Inf: the step was not applied and no checkpoint was written."""
+
+
+# -------------------------------------------------------------------- files
+def _atomic_write(path: Path, mode: str, write: Callable[[Any], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, mode) as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A process killed at any point leaves either the old file or the new one, never a torn one.
+    """
+    _atomic_write(path, "wb", lambda handle: torch.save(obj, handle))
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    """Write ``text`` to ``path`` atomically (temporary file + rename)."""
+    _atomic_write(path, "w", lambda handle: handle.write(text))
+
+
+def fingerprint(obj: Any) -> str:
+    """A short stable hash of a JSON-able object (a stage's config)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------- batching
+class GlobalBatchSampler(Sampler[list[int]]):
+    """This rank's share of each global batch; the order depends only on ``(seed, epoch)``.
+
+    Args:
+        size: dataset length.
+        batch_size: the global batch size, split evenly over ``world`` ranks.
+        shuffle: permute the dataset each epoch (a ``randperm`` seeded by ``seed, epoch``).
+        drop_last: drop a last partial global batch (training); evaluation keeps it.
+    """
+
+    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int, epoch: int,
+                 drop_last: bool, rank: int = 0, world: int = 1) -> None:
+        if batch_size % world:
+            raise ConfigError(f"batch_size={batch_size} must be divisible by the number of processes ({world})")
+        self.size, self.batch_size, self.shuffle = size, batch_size, shuffle
+        self.seed, self.epoch, self.drop_last = seed, epoch, drop_last
+        self.rank, self.world = rank, world
+
+    def _order(self) -> Tensor:
+        if not self.shuffle:
+            return torch.arange(self.size)
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.size, generator=g)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self._order()
+        for start in range(0, self.size, self.batch_size):
+            batch = order[start : start + self.batch_size]
+            if len(batch) < self.batch_size and self.drop_last:
+                return
+            share = math.ceil(len(batch) / self.world)
+            mine = batch[self.rank * share : (self.rank + 1) * share]
+            if len(mine):
+                yield mine.tolist()
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.size, self.batch_size)
+        if self.drop_last or not rest:
+            return full
+        share = math.ceil(rest / self.world)
+        return full + (1 if self.rank * share < rest else 0)
+
+
+# -------------------------------------------------------------------- stage
+@dataclass
+class Stage:
+    """One trainable unit of a recipe.
+
+    Attributes:
+        name: folder name under ``<output_dir>/stages/`` (e.g. ``distill-crd``).
+        module: everything trainable, in one module (DDP wraps it as a whole).
+        step: ``step(module, batch) -> {"loss": total, term: value, ...}`` (autocast is on).
+        dataset: yields dict samples.
+        epochs, batch_size: the schedule; ``batch_size`` is global (all ranks together).
+        optimizer: builds the optimizer from the module's trainable parameters.
+        lr_lambda: epoch -> learning-rate factor.
+        config: what defines this stage; a checkpoint of another config is refused.
+        frozen: modules moved to the device and kept in eval mode (teachers).
+        on_epoch_start: called with the epoch before its batches (e.g. ``dataset.set_epoch``).
+    """
+
+    name: str
+    module: nn.Module
+    step: Callable[[nn.Module, dict[str, Tensor]], dict[str, Tensor]]
+    dataset: Dataset
+    epochs: int
+    batch_size: int
+    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+    lr_lambda: Callable[[int], float] = lambda epoch: 1.0
+    config: Mapping[str, Any] = field(default_factory=dict)
+    frozen: Mapping[str, nn.Module] = field(default_factory=dict)
+    on_epoch_start: Optional[Callable[[int], None]] = None
+
+
+class Engine:
+    """Accelerate-backed runner shared by every stage of one run.
+
+    Args:
+        output_dir: the run's folder; stages write under ``stages/``, TensorBoard under ``tb/``.
+        seed: drives data order, augmentation and initialisation.
+        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"``.
+        cpu: force the CPU even when an accelerator is present.
+        num_workers: DataLoader workers per process (they only decode).
+        log: write TensorBoard logs.
+    """
+
+    def __init__(self, output_dir: Path, seed: int = 0, mixed_precision: str = "no", cpu: bool = False,
+                 num_workers: int = 2, log: bool = True, resolved_config: Optional[str] = None) -> None:
+        if mixed_precision not in ("no", "fp16", "bf16"):
+            raise ConfigError(f"mixed_precision={mixed_precision!r}: expected 'no', 'fp16' or 'bf16'")
+        self.output_dir = Path(output_dir)
+        self.seed, self.num_workers = seed, num_workers
+        self.accelerator = Accelerator(
+            mixed_precision=mixed_precision,
+            cpu=cpu,
+            log_with="tensorboard" if log else None,
+            project_dir=str(self.output_dir / "tb"),
+            # Students may leave heads unused (e.g. a classifier when only CRD trains).
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        self._log, self._resolved_config, self._started = log, resolved_config, False
+        set_seed(seed)
+
+    def start_outputs(self) -> None:
+        """Create the output folder, write ``config.yaml`` and open TensorBoard, once.
+
+        Deferred to the first stage, so a run that fails on its input leaves nothing behind.
+        """
+        if self._started:
+            return
+        self._started = True
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if self._resolved_config is not None:
+                atomic_write_text(self._resolved_config, self.output_dir / "config.yaml")
+        if self._log:
+            self.accelerator.init_trackers("xmodal")
+
+    # ------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    def stage_dir(self, name: str) -> Path:
+        return self.output_dir / "stages" / name
+
+    # --------------------------------------------------------------- loaders
+    def loader(self, dataset: Dataset, batch_size: int, shuffle: bool, epoch: int = 0,
+               drop_last: bool = False) -> DataLoader:
+        """A DataLoader over this rank's share of every global batch of ``dataset``."""
+        if drop_last and len(dataset) < batch_size:
+            raise ConfigError(
+                f"batch_size={batch_size} exceeds the {len(dataset)} training samples; lower batch_size"
+            )
+        sampler = GlobalBatchSampler(len(dataset), batch_size, shuffle, self.seed, epoch, drop_last,
+                                     self.rank, self.world)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+
+    def to_device(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+    def progress(self, iterable, **kwargs):
+        return tqdm(iterable, disable=not self.is_main, dynamic_ncols=True, leave=False, **kwargs)
+
+    # -------------------------------------------------------------- training
+    def fit(self, stage: Stage) -> list[dict[str, float]]:
+        """Train ``stage.module`` in place to its last epoch, resuming from its checkpoint.
+
+        Returns the per-epoch history (mean of each loss term, seconds, learning rate).
+        """
+        folder = self.stage_dir(stage.name)
+        module = stage.module.to(self.device)
+        for frozen in stage.frozen.values():
+            frozen.to(self.device).eval().requires_grad_(False)
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = stage.optimizer(params)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, stage.lr_lambda)
+        wrapped, optimizer = self.accelerator.prepare(module, optimizer)
+        start = self._resume(folder, stage, module, optimizer, scheduler)
+        history: list[dict[str, float]] = start.pop("history")
+        for epoch in range(start["epoch"], stage.epochs):
+            if stage.on_epoch_start is not None:
+                stage.on_epoch_start(epoch)
+            wrapped.train()
+            sums: dict[str, float] = {}
+            count = 0
+            began = time.perf_counter()
+            loader = self.loader(stage.dataset, stage.batch_size, shuffle=True, epoch=epoch, drop_last=True)
+            bar = self.progress(loader, desc=f"{stage.name} {epoch + 1}/{stage.epochs}")
+            for step_in_epoch, batch in enumerate(bar):
+                batch = self.to_device(batch)
+                with self.accelerator.autocast():
+                    terms = stage.step(wrapped, batch)
+                self._check_finite(terms, stage.name, epoch, step_in_epoch)
+                optimizer.zero_grad(set_to_none=True)
+                self.accelerator.backward(terms["loss"])
+                optimizer.step()
+                for key, value in terms.items():
+                    sums[key] = sums.get(key, 0.0) + float(value.detach())
+                count += 1
+                bar.set_postfix(loss=f"{sums['loss'] / count:.4f}")
+            scheduler.step()
+            record = {k: v / max(count, 1) for k, v in sums.items()}
+            record.update(epoch=epoch + 1, seconds=time.perf_counter() - began, lr=optimizer.param_groups[0]["lr"])
+            history.append(record)
+            self.accelerator.log({f"{stage.name}/{k}": v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
+            self._save(folder, stage, module, optimizer, scheduler, epoch + 1, history)
+        # Drop DDP and the mixed-precision forward patch, so later stages see the plain module.
+        self.accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
+        self.accelerator.free_memory()
+        return history
+
+    def _check_finite(self, terms: Mapping[str, Tensor], stage: str, epoch: int, step: int) -> None:
+        values = torch.stack([t.detach().float().reshape(()) for t in terms.values()])
+        finite = torch.isfinite(values).all().to(torch.int32)
+        if self.world > 1:  # every rank must stop together, or the others hang in a collective
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not bool(finite):
+            bad = [k for k, v in terms.items() if not torch.isfinite(v.detach()).all()] or ["(on another rank)"]
+            raise NonFiniteLossError(
+                f"stage {stage!r}: loss term {bad[0]!r} is not finite at epoch {epoch + 1}, step {step + 1}; "
+                "the step was not applied and the last checkpoint is intact"
+            )
+
+    # ------------------------------------------------------------ checkpoint
+    def _save(self, folder: Path, stage: Stage, module: nn.Module, optimizer, scheduler, epoch: int,
+              history: list[dict[str, float]]) -> None:
+        state = module.state_dict()  # also applies pending memory-bank updates, on every rank
+        for key, value in state.items():  # identical on every rank, so all stop together
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise NonFiniteLossError(f"stage {stage.name!r}: {key} holds NaN/Inf after epoch {epoch}; no checkpoint written")
+        rng = _gather_rng_states(self.world)
+        if not self.is_main:
+            self.accelerator.wait_for_everyone()
+            return
+        atomic_save(
+            {
+                "stage": stage.name,
+                "config": fingerprint(stage.config),
+                "epoch": epoch,
+                "module": state,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng,
+                "history": history,
+            },
+            folder / CHECKPOINT,
+        )
+        self.accelerator.wait_for_everyone()
+
+    def _resume(self, folder: Path, stage: Stage, module: nn.Module, optimizer, scheduler) -> dict[str, Any]:
+        path = folder / CHECKPOINT
+        if not path.exists():
+            return {"epoch": 0, "history": []}
+        try:
+            ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear error
+            raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}); delete it to restart the stage") from None
+        if ckpt.get("config") != fingerprint(stage.config):
+            raise CheckpointError(
+                f"checkpoint {path} was written by a run with another configuration of stage {stage.name!r}; "
+                "choose another output_dir or delete that folder"
+            )
+        try:
+            module.load_state_dict(ckpt["module"])
+        except RuntimeError as err:
+            raise CheckpointError(f"checkpoint {path} does not fit stage {stage.name!r}: {str(err).splitlines()[0]}") from None
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        _set_rng_state(ckpt["rng"][self.rank] if self.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        if self.is_main:
+            print(f"[xmodal] {stage.name}: resuming after epoch {ckpt['epoch']} from {path}", flush=True)
+        return {"epoch": int(ckpt["epoch"]), "history": list(ckpt["history"])}
+
+    # --------------------------------------------------------------- results
+    def run(self, stage: Stage, evaluate: Callable[[], dict[str, Any]] = dict) -> dict[str, Any]:
+        """Train ``stage`` and evaluate it, or reload both when an earlier run finished it.
+
+        A finished stage leaves ``final.pt`` (the module's weights) and ``result.json`` (what
+        ``evaluate`` returned, the history, the config fingerprint); re-running the same
+        recipe into the same ``output_dir`` skips it, so a killed run resumes where it was.
+        """
+        folder = self.stage_dir(stage.name)
+        done = self.stage_result(stage.name)
+        if done is not None:
+            if done.get("config") != fingerprint(stage.config) or not (folder / FINAL).exists():
+                raise CheckpointError(
+                    f"{folder} holds stage {stage.name!r} of a run with another configuration; "
+                    "choose another output_dir (or delete that folder to redo the stage)"
+                )
+            stage.module.load_state_dict(torch.load(folder / FINAL, map_location="cpu", weights_only=False))
+            stage.module.to(self.device)
+            return done
+        self.start_outputs()
+        began = time.perf_counter()
+        history = self.fit(stage)
+        result = dict(evaluate())
+        result.update(history=history, config=fingerprint(stage.config), seconds=time.perf_counter() - began)
+        if self.is_main:
+            atomic_save(stage.module.state_dict(), folder / FINAL)
+            atomic_write_text(json.dumps(result, indent=2, default=float), folder / RESULT)
+        self.accelerator.wait_for_everyone()
+        return result
+
+    def stage_result(self, name: str) -> Optional[dict[str, Any]]:
+        """The saved result of a finished stage, or ``None``."""
+        path = self.stage_dir(name) / RESULT
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def gather_rows(self, tensor: Tensor) -> Tensor:
+        """Concatenate every rank's rows (sizes may differ), in rank order."""
+        from losses.contrast.distributed import all_gather_rows
+
+        return all_gather_rows(tensor.contiguous())[0]
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _gather_rng_states(world: int) -> list[dict[str, Any]]:
+    if world == 1:
+        return [_rng_state()]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, _rng_state())
+    return out

@@ -1,0 +1,93 @@
+"""Config sections shared by every task's recipe schema (see :mod:`xmodal.config`)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from xmodal.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and per-epoch learning-rate schedule.
+
+    ``step`` multiplies the rate by ``gamma`` at each fraction of the epochs in ``milestones``
+    (RepDistiller: x0.1 at 150/180/210 of 240 epochs = 0.625/0.75/0.875).
+    """
+
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    milestones: list[float] = field(default_factory=lambda: [0.625, 0.75, 0.875])
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"optim.name={self.name!r}: expected one of {OPTIMIZERS}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule={self.schedule!r}: expected one of {SCHEDULES}")
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr={self.lr}: expected a positive learning rate")
+
+    def build(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        if self.name == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        cls = torch.optim.Adam if self.name == "adam" else torch.optim.AdamW
+        return cls(params, lr=self.lr, weight_decay=self.weight_decay)
+
+    def lr_lambda(self, epochs: int) -> Callable[[int], float]:
+        """Factor of the base rate for each epoch (applied at the epoch's start)."""
+        if self.schedule == "constant":
+            return lambda epoch: 1.0
+        if self.schedule == "cosine":
+            return lambda epoch: 0.5 * (1.0 + math.cos(math.pi * epoch / max(epochs, 1)))
+        steps = [round(m * epochs) for m in self.milestones]
+        return lambda epoch: self.gamma ** sum(epoch >= s for s in steps)
+
+
+@dataclass
+class TrainConfig:
+    """A training stage's schedule."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1:
+            raise ConfigError(f"epochs={self.epochs}, batch_size={self.batch_size}: expected epochs >= 0, batch_size >= 1")
+
+
+@dataclass
+class ModelConfig:
+    """A backbone by registry name, with builder options (e.g. ``width: 8``)."""
+
+    arch: str = "resnet8"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SplitConfig:
+    """Which split of the dataset a stage reads, and an optional class-balanced subset size."""
+
+    split: str = "train"
+    subset: Optional[int] = None
+
+
+@dataclass
+class ModalityConfig:
+    """The modality adapter and the views teacher and student see."""
+
+    name: str = "lab"
+    teacher_view: str = "L"
+    student_view: str = "ab"
+    options: dict[str, Any] = field(default_factory=dict)

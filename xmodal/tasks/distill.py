@@ -1,0 +1,214 @@
+"""Distillation: a student learns from a frozen teacher through weighted loss terms.
+
+A *method* is a set of registered losses with weights: ``crd`` = {crd: 0.8}, ``crd_kd`` =
+{crd: 0.8, kd: 1.0} (the paper's CRD+KD), ``random`` = {} (no training: the student at its
+initialisation, the reference point of every table). Any registered loss name is a method of
+one term at its ``default_weight``. With labels, ``ce_weight`` adds cross-entropy (the paper's
+gamma); unlabeled cross-modal runs have none.
+
+Losses with a first stage (AB, FT, FSP) get it here, as its own stage, before distillation.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+import losses
+from losses import DistillLoss, Features
+from xmodal.engine import Engine, Stage
+from xmodal.errors import ConfigError
+from xmodal.schema import TrainConfig
+
+#: Methods that are not a single registered loss.
+PRESETS: dict[str, dict[str, float]] = {
+    "random": {},
+    "crd_kd": {"crd": 0.8, "kd": 1.0},
+}
+#: Losses that read the networks' logits: the student then needs the teacher's classifier shape.
+LOGIT_LOSSES = {"kd"}
+
+ViewFn = Callable[[Mapping[str, Tensor]], Tensor]
+
+
+def method_terms(method: str, weights: Mapping[str, float]) -> dict[str, float]:
+    """Loss name -> weight for ``method``; ``weights`` overrides a loss's default weight."""
+    if method in PRESETS:
+        terms = dict(PRESETS[method])
+    elif method in losses.available():
+        terms = {method: losses.get(method).default_weight}
+    else:
+        valid = sorted(set(PRESETS) | set(losses.available()))
+        raise ConfigError(f"unknown distillation method {method!r}; expected one of {', '.join(valid)}")
+    for name in terms:
+        if name in weights:
+            terms[name] = float(weights[name])
+    return terms
+
+
+def needs_logits(method: str) -> bool:
+    """Whether the student must carry a classifier for ``method`` (KD reads logits)."""
+    return bool(LOGIT_LOSSES & set(PRESETS.get(method, {method: 0.0})))
+
+
+class DistillModule(nn.Module):
+    """The student and its criteria in one module, so DDP synchronises both.
+
+    ``forward(student_view, teacher_features, index, labels)`` returns the loss terms, each
+    already weighted, and their sum under ``"loss"``.
+    """
+
+    def __init__(self, student: nn.Module, criteria: Mapping[str, DistillLoss], weights: Mapping[str, float],
+                 ce_weight: float = 0.0) -> None:
+        super().__init__()
+        self.student = student
+        self.criteria = nn.ModuleDict(dict(criteria))
+        self.weights = dict(weights)
+        self.ce_weight = ce_weight
+        self.preact = any(name == "ab" for name in criteria)
+
+    def forward(self, student_view: Tensor, teacher: Features, index: Tensor, labels: Optional[Tensor]) -> dict[str, Tensor]:
+        student = self.student(student_view, preact=self.preact)
+        terms: dict[str, Tensor] = {}
+        if self.ce_weight and labels is not None and student.logits is not None and bool((labels >= 0).all()):
+            terms["ce"] = self.ce_weight * F.cross_entropy(student.logits, labels)
+        for name, criterion in self.criteria.items():
+            if self.weights[name]:
+                terms[name] = self.weights[name] * criterion.forward_features(student, teacher, index, labels)
+        total = sum(terms.values()) if terms else student.pooled.sum() * 0.0
+        return {"loss": total, **terms}
+
+
+def build_criteria(terms: Mapping[str, float], student: nn.Module, teacher: nn.Module, student_in: Tensor,
+                   teacher_in: Tensor, n_data: int, labels: Optional[Tensor],
+                   options: Mapping[str, Mapping[str, Any]]) -> dict[str, DistillLoss]:
+    """Construct each loss for these networks from one batch of their features (eval mode)."""
+    preact = "ab" in terms
+    with torch.no_grad():
+        s_mode, t_mode = student.training, teacher.training
+        student.eval(), teacher.eval()
+        s_feats = student(student_in, preact=preact)
+        t_feats = teacher(teacher_in, preact=preact)
+        student.train(s_mode), teacher.train(t_mode)
+    criteria = {}
+    for name in terms:
+        cls = losses.get(name)
+        try:
+            criteria[name] = cls.from_features(s_feats, t_feats, n_data=n_data, labels=labels, **dict(options.get(name, {})))
+        except TypeError as err:
+            raise ConfigError(f"distill.loss_options.{name}: {err}") from None
+    return criteria
+
+
+def distill_stages(
+    engine: Engine,
+    method: str,
+    student: nn.Module,
+    teacher: nn.Module,
+    dataset: Dataset,
+    teacher_view: ViewFn,
+    student_view: ViewFn,
+    cfg: TrainConfig,
+    *,
+    weights: Mapping[str, float],
+    loss_options: Mapping[str, Mapping[str, Any]],
+    ce_weight: float = 0.0,
+    init_cfg: Optional[TrainConfig] = None,
+    warm_start: bool = False,
+    record: Mapping[str, Any] = (),
+) -> list[Stage]:
+    """The stages that distill ``teacher`` into ``student`` with ``method`` (first stage first).
+
+    ``record`` is the part of the recipe that defines these stages (their checkpoint key).
+    """
+    terms = method_terms(method, weights)
+    sample = next(iter(engine.loader(dataset, min(8, len(dataset)), shuffle=False)))
+    sample = engine.to_device(sample)
+    student.to(engine.device), teacher.to(engine.device)
+    labels = getattr(dataset, "labels", None)
+    criteria = build_criteria(terms, student, teacher, student_view(sample), teacher_view(sample), len(dataset),
+                              labels, loss_options)
+    module = DistillModule(student, criteria, terms, ce_weight)
+
+    def teacher_features(batch) -> Features:
+        with torch.no_grad():
+            return teacher(teacher_view(batch), preact=module.preact).detach()
+
+    def step(wrapped: nn.Module, batch) -> dict[str, Tensor]:
+        labels_batch = batch.get("label")
+        return wrapped(student_view(batch), teacher_features(batch), batch["index"], labels_batch)
+
+    def on_epoch_start(epoch: int) -> None:
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        if warm_start and epoch == 0:
+            _warm_start_banks(engine, module, teacher_features, student_view, dataset)
+
+    record = {"method": method, "terms": terms, **dict(record)}
+    stages = []
+    for name, criterion in criteria.items():
+        if criterion.needs_init_stage:
+            stages.append(_init_stage(engine, method, name, criterion, module, teacher_features, student_view,
+                                      dataset, init_cfg or cfg, record))
+            if not criterion.distill_after_init:
+                module.weights[name] = 0.0
+    stages.append(Stage(
+        name=f"distill-{method}", module=module, step=step, dataset=dataset, epochs=cfg.epochs,
+        batch_size=cfg.batch_size, optimizer=cfg.optim.build, lr_lambda=cfg.optim.lr_lambda(cfg.epochs),
+        config=record, frozen={"teacher": teacher}, on_epoch_start=on_epoch_start,
+    ))
+    return stages
+
+
+class InitStageModule(nn.Module):
+    """A loss's first stage as one module (student included when that stage trains it)."""
+
+    def __init__(self, name: str, criterion: DistillLoss, student: nn.Module, preact: bool) -> None:
+        super().__init__()
+        self.name, self.preact = name, preact
+        self.criterion = criterion
+        if criterion.init_stage_trains_student:
+            self.student = student
+        else:  # kept out of the module tree: its weights neither train nor enter the checkpoint
+            self.__dict__["student"] = student
+
+    def forward(self, student_view: Tensor, teacher: Features) -> dict[str, Tensor]:
+        trains_student = self.criterion.init_stage_trains_student
+        student = self.student(student_view, preact=self.preact) if trains_student else None
+        loss = self.criterion.init_stage_loss(student, teacher)
+        return {"loss": loss, f"{self.name}_init": loss}
+
+
+def _init_stage(engine: Engine, method: str, name: str, criterion: DistillLoss, module: DistillModule,
+                teacher_features, student_view: ViewFn, dataset: Dataset, cfg: TrainConfig,
+                record: Mapping[str, Any]) -> Stage:
+    """The first stage of AB / FT / FSP: train the student (AB, FSP) or the loss's modules (FT)."""
+    holder = InitStageModule(name, criterion, module.student, module.preact)
+    return Stage(
+        name=f"distill-{method}-{name}-init", module=holder,
+        step=lambda wrapped, batch: wrapped(student_view(batch), teacher_features(batch)),
+        dataset=dataset, epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optim.build,
+        lr_lambda=cfg.optim.lr_lambda(cfg.epochs), config={**dict(record), "init": name},
+        on_epoch_start=getattr(dataset, "set_epoch", None),
+    )
+
+
+@torch.no_grad()
+def _warm_start_banks(engine: Engine, module: DistillModule, teacher_features, student_view: ViewFn,
+                      dataset: Dataset) -> None:
+    """Fill every CRD memory bank with one inference pass (DESIGN.md: removes the cold epoch)."""
+    banks = [c for c in module.criteria.values() if hasattr(c, "warm_start")]
+    if not banks:
+        return
+    module.student.eval()
+    for batch in engine.progress(engine.loader(dataset, 256, shuffle=False), desc="warm start"):
+        batch = engine.to_device(batch)
+        with engine.accelerator.autocast():
+            s = module.student(student_view(batch))
+            t = teacher_features(batch)
+        for critic in banks:
+            critic.warm_start(s.pooled, t.pooled, batch["index"])
+    module.student.train()

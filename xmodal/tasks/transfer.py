@@ -1,0 +1,242 @@
+"""Representation transfer judged by linear probe and finetune (the Lab colour recipe's task).
+
+Stages, each resumable and skipped when an earlier run in the same ``output_dir`` finished it:
+
+1. teacher: trained with labels on the teacher view (e.g. L), or loaded from a checkpoint;
+   its top-1 on the test split is reported;
+2. distill-<method>: for each method, a fresh student (same seed, so every method starts from
+   the same weights) learns from the frozen teacher on the distillation split, without labels
+   unless ``distill.ce_weight`` > 0; ``random`` trains nothing;
+3. each student is judged on the student view (e.g. ab) by a linear probe on its frozen pooled
+   features and by finetuning the whole network with labels.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from xmodal.config import to_dict
+from xmodal.data import build_dataset
+from xmodal.engine import Engine, Stage
+from xmodal.errors import ConfigError
+from xmodal.modalities import Modality, build_modality
+from xmodal.models import build_model
+from xmodal.models.checkpoint import load_weights_into
+from xmodal.schema import ModalityConfig, ModelConfig, OptimConfig, SplitConfig, TrainConfig
+from xmodal.tasks.distill import distill_stages, needs_logits
+from xmodal.tasks.evaluation import classify_top1
+from xmodal.tasks.linear_probe import ProbeConfig, linear_probe
+from xmodal.tasks.subset import class_balanced_subset
+
+PROTOCOLS = ("linear_probe", "finetune")
+
+
+@dataclass
+class DataSection:
+    """The dataset and which split (and subset size) each stage reads."""
+
+    name: str = "synthetic"
+    root: Optional[str] = None
+    options: dict[str, Any] = field(default_factory=dict)
+    augment: str = "crop"
+    teacher: SplitConfig = field(default_factory=lambda: SplitConfig("train"))
+    distill: SplitConfig = field(default_factory=lambda: SplitConfig("unlabeled"))
+    probe_train: SplitConfig = field(default_factory=lambda: SplitConfig("train"))
+    probe_test: SplitConfig = field(default_factory=lambda: SplitConfig("test"))
+    num_workers: int = 2
+
+
+@dataclass
+class TeacherSection:
+    """The teacher network: trained here on its view, or loaded from ``checkpoint``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    checkpoint: Optional[str] = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class DistillSection:
+    """Which methods distill the student, and how."""
+
+    methods: list[str] = field(default_factory=lambda: ["random", "kd", "crd"])
+    train: TrainConfig = field(default_factory=TrainConfig)
+    init_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5))
+    weights: dict[str, float] = field(default_factory=dict)
+    loss_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ce_weight: float = 0.0
+    warm_start: bool = False
+
+
+@dataclass
+class TransferConfig:
+    """Schema of recipes with ``task: transfer``."""
+
+    task: str = "transfer"
+    recipe: str = ""
+    description: str = ""
+    seed: int = 0
+    quick: bool = False
+    output_dir: Optional[str] = None
+    mixed_precision: str = "no"
+    cpu: bool = False
+    data: DataSection = field(default_factory=DataSection)
+    modality: ModalityConfig = field(default_factory=ModalityConfig)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    distill: DistillSection = field(default_factory=DistillSection)
+    protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
+    linear_probe: ProbeConfig = field(default_factory=ProbeConfig)
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, optim=OptimConfig(lr=0.01)))
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.protocols if p not in PROTOCOLS]
+        if unknown:
+            raise ConfigError(f"protocols: unknown {unknown}; expected a subset of {list(PROTOCOLS)}")
+
+
+# ----------------------------------------------------------------- datasets
+def _dataset(cfg: TransferConfig, part: SplitConfig, augment: bool, labeled: bool) -> Dataset:
+    options = dict(cfg.data.options)
+    options.setdefault("seed", cfg.seed)
+    dataset = build_dataset(cfg.data.name, cfg.data.root, part.split, augment=cfg.data.augment if augment else None,
+                            labeled=labeled, **options)
+    if part.subset is not None and part.subset < len(dataset):
+        dataset = class_balanced_subset(dataset, part.subset, cfg.seed)
+    return dataset
+
+
+def _num_classes(dataset: Dataset) -> int:
+    classes = getattr(dataset, "classes", None)
+    if not classes:
+        raise ConfigError("the probe and teacher splits need class names (a labeled dataset)")
+    return len(classes)
+
+
+# -------------------------------------------------------------------- stages
+def _supervised_stage(name: str, model: nn.Module, dataset: Dataset, view, train: TrainConfig,
+                      record: dict[str, Any]) -> Stage:
+    def step(wrapped, batch):
+        loss = F.cross_entropy(wrapped(view(batch)).logits, batch["label"])
+        return {"loss": loss, "ce": loss}
+
+    return Stage(name=name, module=model, step=step, dataset=dataset, epochs=train.epochs,
+                 batch_size=train.batch_size, optimizer=train.optim.build,
+                 lr_lambda=train.optim.lr_lambda(train.epochs), config=record,
+                 on_epoch_start=getattr(dataset, "set_epoch", None))
+
+
+def _build_backbone(model: ModelConfig, in_channels: int, num_classes: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)  # every method's student starts from the same weights
+    return build_model(model.arch, in_channels=in_channels, num_classes=num_classes, **model.options)
+
+
+class _Views:
+    """Teacher and student views of a batch through one adapter, converted once per batch.
+
+    A distillation step asks for both views of the same batch; the second request is served
+    from the first conversion.
+    """
+
+    def __init__(self, modality: Modality) -> None:
+        self.modality = modality
+        self._last: tuple[Any, dict] = (None, {})
+
+    def _both(self, batch) -> dict:
+        # Holding the image itself (not its id) keeps the cache from matching a new tensor
+        # that happens to reuse a freed one's address.
+        image = batch["image"]
+        if self._last[0] is not image:
+            m = self.modality
+            self._last = (image, m.views(batch, [m.teacher_view, m.student_view]))
+        return self._last[1]
+
+    def teacher(self, batch):
+        return self._both(batch)[self.modality.teacher_view]
+
+    def student(self, batch):
+        return self._both(batch)[self.modality.student_view]
+
+
+def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
+    """Run every stage of a transfer recipe and return the report's content."""
+    began = time.perf_counter()
+    modality = build_modality(cfg.modality.name, teacher_view=cfg.modality.teacher_view,
+                              student_view=cfg.modality.student_view, **cfg.modality.options)
+    views = _Views(modality)
+    teacher_train = _dataset(cfg, cfg.data.teacher, augment=True, labeled=True)
+    probe_train = _dataset(cfg, cfg.data.probe_train, augment=False, labeled=True)
+    finetune_train = _dataset(cfg, cfg.data.probe_train, augment=True, labeled=True)
+    probe_test = _dataset(cfg, cfg.data.probe_test, augment=False, labeled=True)
+    distill_set = _dataset(cfg, cfg.data.distill, augment=True, labeled=cfg.distill.ce_weight > 0)
+    num_classes = _num_classes(probe_train)
+    teacher_classes = _num_classes(teacher_train)
+    timings: dict[str, float] = {}
+    record = to_dict(cfg)
+
+    # 1. teacher
+    teacher = _build_backbone(cfg.teacher.model, modality.teacher_channels, teacher_classes, cfg.seed)
+    if cfg.teacher.checkpoint:
+        load_weights_into(teacher, cfg.teacher.checkpoint)
+        teacher.to(engine.device)
+        teacher_result = {"top1": classify_top1(engine, teacher, probe_test, views.teacher, desc="teacher test")}
+    else:
+        stage = _supervised_stage("teacher", teacher, teacher_train, views.teacher, cfg.teacher.train,
+                                  {"teacher": record["teacher"], "data": record["data"], "seed": cfg.seed,
+                                   "modality": record["modality"]})
+        teacher_result = engine.run(stage, lambda: {"top1": classify_top1(engine, teacher, probe_test, views.teacher,
+                                                                         desc="teacher test")})
+        timings["teacher"] = teacher_result.get("seconds", 0.0)
+    teacher.eval().requires_grad_(False)
+
+    rows = []
+    for method in cfg.distill.methods:
+        t0 = time.perf_counter()
+        student = _build_backbone(cfg.student, modality.student_channels,
+                                  teacher_classes if needs_logits(method) else 0, cfg.seed + 1)
+        shared = {"student": record["student"], "teacher": record["teacher"], "data": record["data"],
+                  "modality": record["modality"], "seed": cfg.seed}
+        if method != "random":
+            for stage in distill_stages(engine, method, student, teacher, distill_set, views.teacher, views.student,
+                                        cfg.distill.train, weights=cfg.distill.weights,
+                                        loss_options=cfg.distill.loss_options, ce_weight=cfg.distill.ce_weight,
+                                        init_cfg=cfg.distill.init_train, warm_start=cfg.distill.warm_start,
+                                        record={**shared, "distill": record["distill"]["train"],
+                                                "warm_start": cfg.distill.warm_start}):
+                engine.run(stage)
+        timings[f"distill-{method}"] = time.perf_counter() - t0
+        rows.extend(_judge(cfg, engine, method, student, probe_train, finetune_train, probe_test, views, num_classes,
+                           record, timings))
+    return {
+        "results": rows,
+        "teacher": {"top1": teacher_result["top1"], "view": modality.teacher_view, "arch": cfg.teacher.model.arch},
+        "timings": {**timings, "total": time.perf_counter() - began},
+    }
+
+
+def _judge(cfg, engine, method, student, probe_train, finetune_train, probe_test, views, num_classes, record,
+           timings) -> list[dict[str, Any]]:
+    rows = []
+    if "linear_probe" in cfg.protocols:
+        t0 = time.perf_counter()
+        result = linear_probe(engine, student, probe_train, probe_test, views.student, num_classes,
+                              cfg.linear_probe, seed=cfg.seed, name=f"probe-{method}")
+        timings[f"probe-{method}"] = time.perf_counter() - t0
+        rows.append({"method": method, "protocol": "linear_probe", "metric": "top1", "value": result["top1"]})
+    if "finetune" in cfg.protocols:
+        student.reset_classifier(num_classes)
+        stage = _supervised_stage(f"finetune-{method}", student, finetune_train, views.student, cfg.finetune,
+                                  {"finetune": record["finetune"], "method": method, "data": record["data"],
+                                   "distill": record["distill"]["train"], "teacher": record["teacher"],
+                                   "student": record["student"], "seed": cfg.seed})
+        result = engine.run(stage, lambda: {"top1": classify_top1(engine, student, probe_test, views.student,
+                                                                 desc=f"finetune-{method} test")})
+        timings[f"finetune-{method}"] = result.get("seconds", 0.0)
+        rows.append({"method": method, "protocol": "finetune", "metric": "top1", "value": result["top1"]})
+    return rows
