@@ -4,8 +4,8 @@ For B=64, K=16384, feat_dim=128 and several bank sizes N, one fwd+bwd step (head
 NCE loss, backward, bank update) of each formulation, given the same ``contrast_idx`` (drawn
 uniformly with replacement, as RepDistiller's AliasMethod does, so N < K works too). Each
 (formulation, N) runs in a fresh subprocess so peak memory can be read from the OS: the figure
-is the rise of the process's peak RSS (CUDA: ``max_memory_allocated``) over all steps, above
-what the banks, heads and inputs already held before the first step. The loss of the first step is printed for both,
+is the process's peak RSS during the steps (Linux ``VmHWM``, reset before the first step;
+CUDA: ``max_memory_allocated``) minus what the banks, heads and inputs already held. The loss of the first step is printed for both,
 with their relative difference.
 
     python benchmarks/contrastive_core.py                 # N = 5k, 50k, 105k, 1.28M
@@ -15,20 +15,38 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 B, K, FEAT, DIM_S, DIM_T = 64, 16384, 128, 256, 256
 
 
-def _peak_bytes(device: str) -> int:
+def _status_bytes(field: str) -> int:
+    """A ``VmRSS`` / ``VmHWM`` line of /proc/self/status, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak(device: str) -> int:
+    """Start a new peak window; returns the memory in use now."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM (peak RSS) to VmRSS
+    return _status_bytes("VmRSS")
+
+
+def _peak(device: str) -> int:
     if device == "cuda":
         return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return _status_bytes("VmHWM")
 
 
 def run_one(formulation: str, n_data: int, steps: int, device: str, scoring: str) -> dict:
@@ -60,10 +78,7 @@ def run_one(formulation: str, n_data: int, steps: int, device: str, scoring: str
         loss.backward()
         return float(loss)
 
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    base = _peak_bytes(device)  # banks, heads and inputs are allocated; no step has run
+    base = _reset_peak(device)  # banks, heads and inputs are allocated; no step has run
     first_loss = step(batches[0])  # also the warm-up: sets Z
     start = time.perf_counter()
     for batch in batches[1:]:
@@ -71,7 +86,7 @@ def run_one(formulation: str, n_data: int, steps: int, device: str, scoring: str
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
-    return {"loss": first_loss, "step_s": seconds, "peak_mib": (_peak_bytes(device) - base) / 2**20}
+    return {"loss": first_loss, "step_s": seconds, "peak_mib": (_peak(device) - base) / 2**20}
 
 
 def _measure(formulation: str, n_data: int, steps: int, device: str, scoring: str) -> dict:

@@ -25,6 +25,28 @@ NORMALISERS = ("once", "ema")
 NCE_EPS = 1e-7
 
 
+class _NCE(torch.autograd.Function):
+    """Sum over the batch of ``softplus(-t_0) + sum_j softplus(t_j)`` with a hand-written backward.
+
+    ``softplus(-t_0) = softplus(t_0) - t_0``, so one softplus pass over the contiguous matrix
+    serves both columns, and the gradient ``sigmoid(t) - [j = 0]`` is one more pass: no slicing
+    copies, no zero-filled gradient buffers.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, shift: float) -> Tensor:
+        t = logits - shift
+        ctx.save_for_backward(t)
+        return F.softplus(t).sum() - t[:, 0].sum()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (t,) = ctx.saved_tensors
+        grad = torch.sigmoid(t)
+        grad[:, 0] -= 1.0
+        return grad.mul_(grad_out), None
+
+
 def nce_loss(logits: Tensor, log_z: Tensor | float, n_data: int) -> Tensor:
     """CRD's NCE loss (Eq. 18 of the paper), mean over anchors.
 
@@ -40,10 +62,8 @@ def nce_loss(logits: Tensor, log_z: Tensor | float, n_data: int) -> Tensor:
     """
     k = logits.shape[1] - 1
     noise = k / n_data
-    t = logits - (log_z + math.log(noise + NCE_EPS))
-    per_negative = math.log1p(NCE_EPS / noise)
-    total = F.softplus(-t[:, 0]).sum() + F.softplus(t[:, 1:]).sum()
-    return total / logits.shape[0] + k * per_negative
+    shift = float(log_z) + math.log(noise + NCE_EPS)
+    return _NCE.apply(logits, shift) / logits.shape[0] + k * math.log1p(NCE_EPS / noise)
 
 
 def infonce_loss(logits: Tensor) -> Tensor:

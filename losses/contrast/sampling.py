@@ -17,6 +17,7 @@ block ``[start_i, start_i + len_i)`` cut out (the anchor alone for uniform; its 
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -33,9 +34,9 @@ def sample_without_replacement(pool: Tensor, k: int, generator: torch.Generator)
     """``k`` distinct integers from ``[0, pool_b)`` for each row ``b``, uniformly.
 
     Two exact strategies: when ``k`` is a large fraction of the pool, the ``k`` smallest of
-    ``pool_b`` random keys (a uniformly random ``k``-subset); otherwise draw with replacement and
-    redraw duplicates until none remain, which is the same as drawing i.i.d. until ``k``
-    distinct values are seen, hence also a uniform ``k``-subset, at ``O(k log k)`` per row.
+    ``pool_b`` random keys (a uniformly random ``k``-subset); otherwise i.i.d. draws with
+    replacement, keeping the first ``k`` distinct values in draw order — the same as drawing
+    until ``k`` distinct values are seen, hence also a uniform ``k``-subset — in one sort.
 
     Args:
         pool: ``(B,)`` long, pool size per row; every entry must be ``>= k``.
@@ -43,13 +44,13 @@ def sample_without_replacement(pool: Tensor, k: int, generator: torch.Generator)
         generator: random source, on ``pool``'s device.
 
     Returns:
-        ``(B, k)`` long; rows are sorted when the rejection strategy is used.
+        ``(B, k)`` long.
     """
     if k == 0:
         return pool.new_zeros((pool.shape[0], 0))
     if 4 * k >= int(pool.min()):
         return _dense_keys(pool, k, generator)
-    return _rejection(pool, k, generator)
+    return _first_distinct(pool, k, generator)
 
 
 def _uniform_below(bound: Tensor, generator: torch.Generator) -> Tensor:
@@ -62,16 +63,30 @@ def _uniform_below(bound: Tensor, generator: torch.Generator) -> Tensor:
     return (u * bound).long()
 
 
-def _rejection(pool: Tensor, k: int, generator: torch.Generator) -> Tensor:
-    bound = pool[:, None].expand(-1, k)
-    draws = _uniform_below(bound, generator)
-    while True:
-        draws = draws.sort(dim=1).values
-        duplicate = torch.zeros_like(draws, dtype=torch.bool)
-        duplicate[:, 1:] = draws[:, 1:] == draws[:, :-1]
-        if not bool(duplicate.any()):
-            return draws
-        draws[duplicate] = _uniform_below(bound[duplicate], generator)
+def _draws_for_distinct(pool: int, k: int) -> int:
+    """How many i.i.d. draws from ``pool`` values give ``k`` distinct ones with margin.
+
+    ``n`` draws show ``pool * (1 - exp(-n / pool))`` distinct values on average; add six
+    standard deviations (at most ``sqrt(k)``) so a shortfall, which triggers a redraw of that
+    row, is rare.
+    """
+    return int(math.ceil(-pool * math.log1p(-k / pool) + 6 * math.sqrt(k) + 16))
+
+
+def _first_distinct(pool: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    n = max(_draws_for_distinct(int(p), k) for p in pool.unique().tolist())
+    draws = _uniform_below(pool[:, None].expand(-1, n), generator)  # (B, n) in draw order
+    values, drawn_at = draws.sort(dim=1, stable=True)
+    first = torch.ones_like(values, dtype=torch.bool)
+    first[:, 1:] = values[:, 1:] != values[:, :-1]
+    # Each distinct value is known by its first draw; keep the k drawn earliest.
+    rank = torch.where(first, drawn_at, torch.full_like(drawn_at, n))
+    chosen = rank.topk(k, dim=1, largest=False, sorted=False).indices
+    out = values.gather(1, chosen)
+    short = first.sum(dim=1) < k
+    if bool(short.any()):  # too few distinct values in this row: redraw it from scratch
+        out[short] = _first_distinct(pool[short], k, generator)
+    return out
 
 
 def _dense_keys(pool: Tensor, k: int, generator: torch.Generator) -> Tensor:
