@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from xmodal.errors import CheckpointError, ConfigError, XmodalError
+from xmodal.models.batchnorm import convert_batchnorm
 
 CHECKPOINT = "checkpoint.pt"
 FINAL = "final.pt"
@@ -240,6 +241,8 @@ class Engine:
         """
         folder = self.stage_dir(stage.name)
         module = stage.module.to(self.device)
+        if self.world > 1:  # P processes at global batch B must train like one process at B
+            convert_batchnorm(module, self.device.type)
         for frozen in stage.frozen.values():
             frozen.to(self.device).eval().requires_grad_(False)
         params = [p for p in module.parameters() if p.requires_grad]

@@ -1,0 +1,104 @@
+"""Lab views: xmodal's batched on-device conversion against per-image conversion in workers.
+
+Both paths start from the same uint8 images and end with the normalised L and ab tensors a
+teacher and a student consume, batch by batch:
+
+* xmodal: DataLoader workers only hand over uint8 images; ``LabModality`` converts the whole
+  batch on the device with kornia;
+* per-image (as CMC and most public colour-transfer code do): each worker converts every image
+  with ``skimage.color.rgb2lab`` in float64 numpy, normalises, splits L / ab, and the loader
+  collates float tensors.
+
+Measured on the built-in synthetic images (in memory, so decoding does not blur the
+comparison) and, when given ``--jpeg-root``, on a JPEG ImageFolder where both paths also
+decode files in the workers.
+
+    pip install -e ".[bench]"     # scikit-image
+    python benchmarks/lab_views.py [--jpeg-root /path/to/cifar10/train] [--workers 2]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from xmodal.data import build_dataset
+from xmodal.modalities.lab import LAB_MEAN, LAB_STD, LabModality
+
+
+class PerImageLab(Dataset):
+    """Wraps an xmodal dataset: each sample converted to (L, ab) float tensors in the worker."""
+
+    def __init__(self, base: Dataset) -> None:
+        from skimage.color import rgb2lab
+
+        self.base, self.rgb2lab = base, rgb2lab
+        self.mean, self.std = np.array(LAB_MEAN), np.array(LAB_STD)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        image = self.base[i]["image"].permute(1, 2, 0).numpy()  # (H, W, 3) uint8
+        lab = (self.rgb2lab(image) - self.mean) / self.std
+        lab = torch.from_numpy(lab.transpose(2, 0, 1).astype(np.float32))
+        return lab[:1], lab[1:]
+
+
+def _images_per_second(loader: DataLoader, convert, epochs: int) -> float:
+    count, start = 0, time.perf_counter()
+    for _ in range(epochs):
+        for batch in loader:
+            teacher, student = convert(batch)
+            count += teacher.shape[0]
+    return count / (time.perf_counter() - start)
+
+
+def compare(dataset: Dataset, workers: int, batch_size: int, epochs: int, device: str) -> tuple[float, float]:
+    lab = LabModality()
+    batched = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    per_image = DataLoader(PerImageLab(dataset), batch_size=batch_size, num_workers=workers)
+
+    def on_device(batch):
+        return lab({"image": batch["image"].to(device)})
+
+    def moved(batch):
+        return batch[0].to(device), batch[1].to(device)
+
+    # Same numbers either way (kornia and skimage implement the same CIE Lab):
+    first = next(iter(batched))
+    theirs_first = [PerImageLab(dataset)[i] for i in range(len(first["image"]))]
+    ours_first = on_device(first)
+    gap = max(float((ours_first[0].cpu() - torch.stack([t[0] for t in theirs_first])).abs().max()),
+              float((ours_first[1].cpu() - torch.stack([t[1] for t in theirs_first])).abs().max()))
+    print(f"  max |xmodal - skimage| over one batch, normalised units: {gap:.2e}")
+    _images_per_second(batched, on_device, 1)  # warm-up: worker start-up, kornia first call
+    ours = _images_per_second(batched, on_device, epochs)
+    theirs = _images_per_second(per_image, moved, epochs)
+    return ours, theirs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--images", type=int, default=5000)
+    parser.add_argument("--jpeg-root", default=None, help="an ImageFolder tree of JPEGs (e.g. cifar10/train)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    print(f"device={args.device} workers={args.workers} batch={args.batch_size} threads={torch.get_num_threads()}")
+    print(f"{'data':28s} {'xmodal img/s':>13s} {'per-image img/s':>16s} {'speed-up':>9s}")
+    sets = [("synthetic 32px (in memory)", build_dataset("synthetic", None, "unlabeled", num_samples=args.images))]
+    if args.jpeg_root:
+        sets.append(("JPEG ImageFolder", build_dataset("imagefolder", args.jpeg_root, "all", subset=args.images)))
+    for name, dataset in sets:
+        ours, theirs = compare(dataset, args.workers, args.batch_size, args.epochs, args.device)
+        print(f"{name:28s} {ours:>13.0f} {theirs:>16.0f} {ours / theirs:>8.1f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
