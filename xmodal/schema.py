@@ -91,3 +91,17 @@ class ModalityConfig:
     teacher_view: str = "L"
     student_view: str = "ab"
     options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    """The keys every task's recipe starts with; a task's schema subclasses it and sets ``task``."""
+
+    task: str = ""
+    recipe: str = ""
+    description: str = ""
+    seed: int = 0
+    quick: bool = False
+    output_dir: Optional[str] = None
+    mixed_precision: str = "no"
+    cpu: bool = False

@@ -10,6 +10,7 @@ Losses with a first stage (AB, FT, FSP) get it here, as its own stage, before di
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
 import torch
@@ -23,10 +24,21 @@ from xmodal.engine import Engine, Stage
 from xmodal.errors import ConfigError
 from xmodal.schema import TrainConfig
 
-#: Methods that are not a single registered loss.
-PRESETS: dict[str, dict[str, float]] = {
-    "random": {},
-    "crd_kd": {"crd": 0.8, "kd": 1.0},
+@dataclass(frozen=True)
+class Method:
+    """Loss terms with their weights, and whether CRD's banks start from one inference pass."""
+
+    terms: dict[str, float]
+    warm_start: bool = False
+
+
+#: Methods that are not a single registered loss. ``*_warm`` start the memory banks from one
+#: inference pass instead of random rows (DESIGN.md: it removes CRD's cold first epoch).
+PRESETS: dict[str, Method] = {
+    "random": Method({}),
+    "crd_kd": Method({"crd": 0.8, "kd": 1.0}),
+    "crd_warm": Method({"crd": 0.8}, warm_start=True),
+    "crd_kd_warm": Method({"crd": 0.8, "kd": 1.0}, warm_start=True),
 }
 #: Losses that read the networks' logits: the student then needs the teacher's classifier shape.
 LOGIT_LOSSES = {"kd"}
@@ -34,24 +46,27 @@ LOGIT_LOSSES = {"kd"}
 ViewFn = Callable[[Mapping[str, Tensor]], Tensor]
 
 
-def method_terms(method: str, weights: Mapping[str, float]) -> dict[str, float]:
-    """Loss name -> weight for ``method``; ``weights`` overrides a loss's default weight."""
+def resolve_method(method: str, weights: Mapping[str, float], warm_start: bool = False) -> Method:
+    """The terms and options of ``method``; ``weights`` overrides a loss's default weight.
+
+    Any registered loss name is a method of one term at its ``default_weight``;
+    ``warm_start=True`` warm-starts every method's banks.
+    """
     if method in PRESETS:
-        terms = dict(PRESETS[method])
+        preset = PRESETS[method]
     elif method in losses.available():
-        terms = {method: losses.get(method).default_weight}
+        preset = Method({method: losses.get(method).default_weight})
     else:
         valid = sorted(set(PRESETS) | set(losses.available()))
         raise ConfigError(f"unknown distillation method {method!r}; expected one of {', '.join(valid)}")
-    for name in terms:
-        if name in weights:
-            terms[name] = float(weights[name])
-    return terms
+    terms = {name: float(weights.get(name, weight)) for name, weight in preset.terms.items()}
+    return Method(terms, warm_start=preset.warm_start or warm_start)
 
 
 def needs_logits(method: str) -> bool:
     """Whether the student must carry a classifier for ``method`` (KD reads logits)."""
-    return bool(LOGIT_LOSSES & set(PRESETS.get(method, {method: 0.0})))
+    terms = PRESETS[method].terms if method in PRESETS else {method: 0.0}
+    return bool(LOGIT_LOSSES & set(terms))
 
 
 class DistillModule(nn.Module):
@@ -124,7 +139,8 @@ def distill_stages(
 
     ``record`` is the part of the recipe that defines these stages (their checkpoint key).
     """
-    terms = method_terms(method, weights)
+    spec = resolve_method(method, weights, warm_start)
+    terms = spec.terms
     sample = next(iter(engine.loader(dataset, min(8, len(dataset)), shuffle=False)))
     sample = engine.to_device(sample)
     student.to(engine.device), teacher.to(engine.device)
@@ -144,10 +160,10 @@ def distill_stages(
     def on_epoch_start(epoch: int) -> None:
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
-        if warm_start and epoch == 0:
+        if spec.warm_start and epoch == 0:
             _warm_start_banks(engine, module, teacher_features, student_view, dataset)
 
-    record = {"method": method, "terms": terms, **dict(record)}
+    record = {"method": method, "terms": terms, "warm_start": spec.warm_start, **dict(record)}
     stages = []
     for name, criterion in criteria.items():
         if criterion.needs_init_stage:

@@ -27,8 +27,8 @@ from xmodal.engine import Engine, Stage
 from xmodal.errors import ConfigError
 from xmodal.modalities import Modality, build_modality
 from xmodal.models import build_model
-from xmodal.models.checkpoint import load_weights_into
-from xmodal.schema import ModalityConfig, ModelConfig, OptimConfig, SplitConfig, TrainConfig
+from xmodal.models.checkpoint import load_weights_into, read_checkpoint
+from xmodal.schema import ModalityConfig, ModelConfig, OptimConfig, RunConfig, SplitConfig, TrainConfig
 from xmodal.tasks.distill import distill_stages, needs_logits
 from xmodal.tasks.evaluation import classify_top1
 from xmodal.tasks.linear_probe import ProbeConfig, linear_probe
@@ -75,17 +75,10 @@ class DistillSection:
 
 
 @dataclass
-class TransferConfig:
+class TransferConfig(RunConfig):
     """Schema of recipes with ``task: transfer``."""
 
     task: str = "transfer"
-    recipe: str = ""
-    description: str = ""
-    seed: int = 0
-    quick: bool = False
-    output_dir: Optional[str] = None
-    mixed_precision: str = "no"
-    cpu: bool = False
     data: DataSection = field(default_factory=DataSection)
     modality: ModalityConfig = field(default_factory=ModalityConfig)
     teacher: TeacherSection = field(default_factory=TeacherSection)
@@ -112,10 +105,15 @@ def _dataset(cfg: TransferConfig, part: SplitConfig, augment: bool, labeled: boo
     return dataset
 
 
-def _num_classes(dataset: Dataset) -> int:
+def _num_classes(dataset: Dataset, role: str, part: SplitConfig) -> int:
+    """Classes of a split that trains with labels; every sample must carry one."""
     classes = getattr(dataset, "classes", None)
-    if not classes:
-        raise ConfigError("the probe and teacher splits need class names (a labeled dataset)")
+    labels = getattr(dataset, "labels", None)
+    if not classes or labels is None or bool((labels < 0).any()):
+        raise ConfigError(
+            f"data.{role}.split={part.split!r} holds unlabeled images, but the {role} stage trains with "
+            f"labels; choose a labeled split (e.g. data.{role}.split=train)"
+        )
     return len(classes)
 
 
@@ -175,15 +173,18 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     finetune_train = _dataset(cfg, cfg.data.probe_train, augment=True, labeled=True)
     probe_test = _dataset(cfg, cfg.data.probe_test, augment=False, labeled=True)
     distill_set = _dataset(cfg, cfg.data.distill, augment=True, labeled=cfg.distill.ce_weight > 0)
-    num_classes = _num_classes(probe_train)
-    teacher_classes = _num_classes(teacher_train)
+    num_classes = _num_classes(probe_train, "probe_train", cfg.data.probe_train)
+    if cfg.teacher.checkpoint:  # its classifier decides; load_weights_into checks the rest
+        teacher_classes = int(read_checkpoint(cfg.teacher.checkpoint, role="teacher")["num_classes"])
+    else:
+        teacher_classes = _num_classes(teacher_train, "teacher", cfg.data.teacher)
     timings: dict[str, float] = {}
     record = to_dict(cfg)
 
     # 1. teacher
     teacher = _build_backbone(cfg.teacher.model, modality.teacher_channels, teacher_classes, cfg.seed)
     if cfg.teacher.checkpoint:
-        load_weights_into(teacher, cfg.teacher.checkpoint)
+        load_weights_into(teacher, cfg.teacher.checkpoint, role="teacher")
         teacher.to(engine.device)
         teacher_result = {"top1": classify_top1(engine, teacher, probe_test, views.teacher, desc="teacher test")}
     else:
