@@ -190,7 +190,7 @@ class Engine:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             if self._resolved_config is not None:
-                atomic_write_text(self._resolved_config, self.output_dir / "config.yaml")
+                atomic_write_text(self._resolved_config, self._config_path())
         if self._log:
             self.accelerator.init_trackers("xmodal")
 
@@ -210,6 +210,16 @@ class Engine:
     @property
     def world(self) -> int:
         return self.accelerator.num_processes
+
+    def _config_path(self) -> Path:
+        """``config.yaml``, or ``config.N.yaml`` when the folder already records another config.
+
+        A run into a folder that holds an earlier run never overwrites that run's record.
+        """
+        path, n = self.output_dir / "config.yaml", 1
+        while path.exists() and path.read_text() != self._resolved_config:
+            path, n = self.output_dir / f"config.{n}.yaml", n + 1
+        return path
 
     def stage_dir(self, name: str) -> Path:
         return self.output_dir / "stages" / name

@@ -53,6 +53,9 @@ def test_unknown_key_names_the_nearest_valid_key(override, expected):
 def test_wrong_types_are_named():
     with pytest.raises(ConfigError, match="distill.train.epochs must be an integer, got 'many'"):
         resolve("lab-color-transfer", ["distill.train.epochs=many"], SCHEMAS)
+    with pytest.raises(ConfigError, match="linear_probe.lr must be a number, got 'fast'"):
+        resolve("lab-color-transfer", ["linear_probe.lr=fast"], SCHEMAS)
+    assert resolve("lab-color-transfer", ["linear_probe.lr=1e-3"], SCHEMAS).linear_probe.lr == 1e-3
     with pytest.raises(ConfigError, match="quick must be true or false"):
         resolve("lab-color-transfer", ["quick=3"], SCHEMAS)
     with pytest.raises(ConfigError, match="optim.schedule='linear'"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Optional, Union
 
@@ -68,7 +69,9 @@ def decode_file(path: Path) -> Tensor:
     try:
         return decode_image(str(path), mode=ImageReadMode.RGB)
     except (RuntimeError, OSError, ValueError) as error:
-        raise DataError(f"cannot decode image {path}: expected a valid JPEG/PNG/WebP file ({error})") from error
+        # torchvision's messages carry a C++ source location; keep only the reason after it.
+        reason = re.sub(r"^.*?\.cpp:\d+,\s*", "", str(error).splitlines()[0]).split(". ")[0].rstrip(".")
+        raise DataError(f"cannot decode image {path}: expected a valid JPEG/PNG/WebP file ({reason})") from error
 
 
 class ImageFolderDataset(ImageDataset):

@@ -57,8 +57,7 @@ def read_checkpoint(path: PathLike, role: str = "") -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises pickle, zip and runtime errors alike for bad files
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
-        raise CheckpointError(f"{name} is not readable ({reason})") from err
+        raise CheckpointError(f"{name} is not a readable PyTorch checkpoint ({type(err).__name__})") from err
     missing = [k for k in _KEYS if not isinstance(payload, dict) or k not in payload]
     if missing:
         raise CheckpointError(f"{name} is not an xmodal backbone checkpoint (missing {', '.join(missing)})")

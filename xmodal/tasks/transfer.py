@@ -97,6 +97,9 @@ class TransferConfig(RunConfig):
 # ----------------------------------------------------------------- datasets
 def _dataset(cfg: TransferConfig, part: SplitConfig, augment: bool, labeled: bool) -> Dataset:
     options = dict(cfg.data.options)
+    for key in ("augment", "labeled"):  # each stage decides these itself
+        if key in options:
+            raise ConfigError(f"data.options.{key} is set by each stage of the recipe; remove it (see data.augment)")
     options.setdefault("seed", cfg.seed)
     dataset = build_dataset(cfg.data.name, cfg.data.root, part.split, augment=cfg.data.augment if augment else None,
                             labeled=labeled, **options)
