@@ -177,6 +177,7 @@ class Engine:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         self._log, self._resolved_config, self._started = log, resolved_config, False
+        self._mixed_precision = mixed_precision
         set_seed(seed)
 
     def start_outputs(self) -> None:
@@ -220,6 +221,17 @@ class Engine:
         while path.exists() and path.read_text() != self._resolved_config:
             path, n = self.output_dir / f"config.{n}.yaml", n + 1
         return path
+
+    def autocast(self):
+        """The mixed-precision context of this run (a no-op for ``mixed_precision="no"``).
+
+        Accelerate's own context ignores fp16 on the CPU; here fp16 on the CPU autocasts for
+        real (without loss scaling), so CPU runs exercise the same low-precision paths a GPU
+        run takes.
+        """
+        if self._mixed_precision == "fp16" and self.device.type == "cpu":
+            return torch.autocast("cpu", dtype=torch.float16)
+        return self.accelerator.autocast()
 
     def stage_dir(self, name: str) -> Path:
         return self.output_dir / "stages" / name
@@ -272,7 +284,7 @@ class Engine:
             bar = self.progress(loader, desc=f"{stage.name} {epoch + 1}/{stage.epochs}")
             for step_in_epoch, batch in enumerate(bar):
                 batch = self.to_device(batch)
-                with self.accelerator.autocast():
+                with self.autocast():
                     terms = stage.step(wrapped, batch)
                 self._check_finite(terms, stage.name, epoch, step_in_epoch)
                 optimizer.zero_grad(set_to_none=True)

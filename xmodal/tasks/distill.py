@@ -222,7 +222,7 @@ def _warm_start_banks(engine: Engine, module: DistillModule, teacher_features, s
     module.student.eval()
     for batch in engine.progress(engine.loader(dataset, 256, shuffle=False), desc="warm start"):
         batch = engine.to_device(batch)
-        with engine.accelerator.autocast():
+        with engine.autocast():
             s = module.student(student_view(batch))
             t = teacher_features(batch)
         for critic in banks:

@@ -34,7 +34,7 @@ def extract(engine: Engine, model: nn.Module, dataset: Dataset, view: ViewFn, ba
     rows, feats, labels, logits = [], [], [], []
     for batch in engine.progress(engine.loader(dataset, batch_size, shuffle=False), desc=desc):
         batch = engine.to_device(batch)
-        with engine.accelerator.autocast():
+        with engine.autocast():
             out = model(view(batch))
         rows.append(batch["index"])
         feats.append(out.pooled.float())

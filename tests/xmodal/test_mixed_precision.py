@@ -1,0 +1,43 @@
+"""Distillation under fp16 and bf16 autocast: really low precision, and finite throughout."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+
+from xmodal.cli import main
+from xmodal.engine import Engine
+
+TINY = [
+    "data.options={num_samples: 64}", "teacher.train.epochs=1", "teacher.train.batch_size=32",
+    "distill.methods=[crd_warm,kd,fitnet]", "distill.train.epochs=2", "distill.train.batch_size=32",
+    "distill.loss_options.crd.nce_k=32", "linear_probe.epochs=2", "protocols=[linear_probe]",
+    "student.options={width: 4}", "teacher.model.options={width: 4}", "data.num_workers=0", "cpu=true",
+]
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_engine_autocast_is_really_low_precision(tmp_path, precision, dtype):
+    AcceleratorState._reset_state(True)
+    engine = Engine(tmp_path, mixed_precision=precision, cpu=True, log=False)
+    with engine.autocast():
+        out = torch.nn.Conv2d(2, 4, 3)(torch.randn(1, 2, 8, 8))
+    assert out.dtype == dtype
+    AcceleratorState._reset_state(True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_distillation_stays_finite(tmp_path, precision):
+    AcceleratorState._reset_state(True)
+    out = tmp_path / precision
+    assert main(["run", "lab-color-transfer", f"output_dir={out}", f"mixed_precision={precision}", *TINY]) == 0
+    AcceleratorState._reset_state(True)
+    for method in ("crd_warm", "kd", "fitnet"):
+        history = json.loads((out / "stages" / f"distill-{method}" / "result.json").read_text())["history"]
+        assert len(history) == 2
+        assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history), (method, history)
+        final = torch.load(out / "stages" / f"distill-{method}" / "final.pt", weights_only=False)
+        assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
