@@ -164,7 +164,7 @@ class CRDLoss(DistillLoss):
         self.memory.flush()
         with torch.autocast(device_type=f_s.device.type, enabled=False):
             v_s, v_t = self._embed(f_s, f_t)
-            contrast_idx = self._sample(index) if contrast_idx is None else contrast_idx.to(index.device)
+            contrast_idx = self.sample_contrast(index) if contrast_idx is None else contrast_idx.to(index.device)
             # Student anchors against the teacher bank, teacher anchors against the student bank.
             # Scaling the B anchors by 1/tau is cheaper than scaling the B x (K+1) scores.
             logits_s = bank_scores(v_s / self.nce_t, self.memory.teacher_bank, contrast_idx, self.scoring)
@@ -191,9 +191,15 @@ class CRDLoss(DistillLoss):
         dtype = torch.float64 if self.embed_s.linear.weight.dtype == torch.float64 else torch.float32
         return self.embed_s(f_s.to(dtype)), self.embed_t(f_t.to(dtype))
 
-    def _sample(self, index: Tensor) -> Tensor:
+    def sample_contrast(self, index: Tensor) -> Tensor:
+        """``contrast_idx`` ``(B, K+1)`` for bank rows ``index`` ``(B,)``: the draw ``forward`` makes.
+
+        Public so that critics over the same rows (an ensemble's) can share one draw per step.
+        A collective under several processes: every rank must call it at the same step.
+        """
         # Draw for the global batch from a generator every rank holds in the same state, then
         # keep this rank's rows: the sample does not depend on how the batch is split.
+        index = index.to(self.memory.student_bank.device)
         global_index, offset = all_gather_rows(index)
         generator = torch.Generator(device=index.device)
         generator.manual_seed((self._seed * 1_000_003 + self._sample_step) % (2**63))

@@ -28,9 +28,10 @@ EXIT_USER_ERROR = 2
 
 def _tasks() -> dict[str, tuple[type, Callable[..., dict[str, Any]]]]:
     """Task name -> (config schema, runner). Imported lazily: ``xmodal --help`` stays fast."""
+    from xmodal.tasks.ensemble import EnsembleConfig, run_ensemble
     from xmodal.tasks.transfer import TransferConfig, run_transfer
 
-    return {"transfer": (TransferConfig, run_transfer)}
+    return {"transfer": (TransferConfig, run_transfer), "ensemble": (EnsembleConfig, run_ensemble)}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 def run_recipe(recipe: str, overrides: list[str]) -> dict[str, Path]:
     """Resolve, run and report one recipe; returns the report's paths."""
     from xmodal.engine import Engine
-    from xmodal.report import write_report
+    from xmodal.report import plot, write_report
 
     tasks = _tasks()
     cfg = resolve(recipe, overrides, {name: schema for name, (schema, _) in tasks.items()})
@@ -74,7 +75,8 @@ def run_recipe(recipe: str, overrides: list[str]) -> dict[str, Path]:
     if engine.is_main:
         from xmodal.report import markdown
 
-        paths = write_report(report, output_dir)
+        # A runner may draw its own figure (the ensemble task: error against the number of teachers).
+        paths = write_report(report, output_dir, plotter=getattr(tasks[cfg.task][1], "plotter", plot))
         print(markdown(report))
         print(f"[xmodal] report: {paths['md']}  {paths['png']}  {paths['json']}")
     engine.accelerator.end_training()

@@ -1,0 +1,95 @@
+"""The ensemble recipes end to end on a tiny slice of real CIFAR-10, and one-line errors on bad pools."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from xmodal.cli import main
+from xmodal.models import build_model, save_backbone
+
+TINY = [
+    "data.train.subset=100", "data.test.subset=50", "data.num_workers=0",
+    "teachers.count=2", "teachers.model.options={width: 4}", "teachers.train.epochs=1", "teachers.train.batch_size=50",
+    "student.options={width: 4}", "distill.n_teachers=[1,2]", "distill.train.epochs=1", "distill.train.batch_size=50",
+    "distill.crd.nce_k=32",
+]
+METHODS = ("ce", "kd_ensemble", "crd_ensemble", "crd_kd_ensemble")
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.slow
+def test_tiny_cifar_run_reports_every_method_and_teacher_count(cifar10_jpeg, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["run", "ensemble-cifar", f"output_dir={out}", "data=imagefolder", f"data.root={cifar10_jpeg}", *TINY]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = {(r["method"], r["n_teachers"]) for r in report["results"]}
+    assert rows == {("ce", 0)} | {(m, n) for m in METHODS[1:] for n in (1, 2)}
+    assert all(set(r) == {"method", "protocol", "metric", "value", "n_teachers"} for r in report["results"])
+    assert all(r["protocol"] == "test" and r["metric"] == "top1" and 0 <= r["value"] <= 100 for r in report["results"])
+    assert set(report["teachers"]["ensemble_top1"]) == {"1", "2"} and len(report["teachers"]["members"]) == 2
+    assert (out / "report.png").stat().st_size > 0 and (out / "teachers" / "teacher-1.pt").exists()
+    history = json.loads((out / "stages" / "crd_ensemble-m2-s0" / "result.json").read_text())["history"]
+    assert {"ce", "crd_0", "crd_1"} <= set(history[0])  # every teacher's critic is logged
+    # running again resumes: every stage is finished, so nothing trains and the numbers repeat
+    assert main(args) == 0
+    assert json.loads((out / "report.json").read_text())["results"] == report["results"]
+
+
+@pytest.mark.slow
+def test_tiny_cross_modal_run_gives_each_teacher_its_own_view(cifar10_jpeg, tmp_path):
+    out = tmp_path / "lab"
+    args = ["run", "ensemble-lab", f"output_dir={out}", "data=imagefolder", f"data.root={cifar10_jpeg}",
+            "distill.methods=[crd_ensemble]", *[a for a in TINY if not a.startswith("teachers.count")],
+            "distill.n_teachers=[2]"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [m["view"] for m in report["teachers"]["members"]] == ["L", "rgb"]
+    assert [(r["method"], r["n_teachers"]) for r in report["results"]] == [("crd_ensemble", 2)]
+
+
+def _checkpoint(path, num_classes: int, seed: int = 0, in_channels: int = 3):
+    import torch
+
+    torch.manual_seed(seed)
+    return save_backbone(path, build_model("resnet8", in_channels, num_classes, width=4))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["teachers.count=0"], "teachers: the pool is empty"),
+    (["teachers.count=2", "distill.n_teachers=[1,4]"], "asks for 4 teachers but the pool has 2"),
+    (["teachers.count=2", "distill.n_teachers=[1,2]", "distill.teacher_weights=[1.0]"], "teacher_weights has 1 entries for a pool of 2"),
+    (["teachers.members=[{seed: 3}, {}, {}, {}]"], "members[0] and [3] are the same network"),
+    (["teachers.count=1", "teachers.members=[{}, {}]"], "members lists 2 teachers but teachers.count=1"),
+    (["distill.methods=[ce,dml]"], "distill.methods"),
+])
+def test_bad_pool_is_one_line_exit_2(tmp_path, capsys, overrides, message):
+    out = tmp_path / "x"
+    assert main(["run", "ensemble-cifar", f"output_dir={out}", *overrides]) == 2
+    assert message in _error(capsys)
+    assert not out.exists()
+
+
+def test_duplicate_and_foreign_checkpoints_are_refused(tmp_path, capsys):
+    first, other = _checkpoint(tmp_path / "a.pt", 10), _checkpoint(tmp_path / "b.pt", 10, seed=1)
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(first.read_bytes())
+    hundred = _checkpoint(tmp_path / "c100.pt", 100)
+    luminance = _checkpoint(tmp_path / "L.pt", 10, in_channels=1)
+    out = tmp_path / "x"
+    for members, message in [
+        (f"[{{checkpoint: {first}}}, {{checkpoint: {other}}}, {{checkpoint: {first}}}]", "members[0] and [2] are the same checkpoint"),
+        (f"[{{checkpoint: {first}}}, {{checkpoint: {copy}}}]", "members[0] and [1] are the same checkpoint"),
+        (f"[{{checkpoint: {first}}}, {{checkpoint: {hundred}}}]", "classifies 100 classes but the data (synthetic train) has 10"),
+        (f"[{{checkpoint: {luminance}}}]", "takes 1 input channels but its view 'rgb' has 3"),
+    ]:
+        assert main(["run", "ensemble-cifar", f"output_dir={out}", f"teachers.members={members}",
+                     "distill.n_teachers=[1]"]) == 2
+        assert message in _error(capsys)
+        assert not out.exists()

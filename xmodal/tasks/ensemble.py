@@ -1,0 +1,309 @@
+"""Ensemble distillation (CRD §4.4, Figure 4): one student, M teachers, one critic per teacher.
+
+Stages, each resumable and skipped when an earlier run in the same ``output_dir`` finished it:
+
+1. ``teacher-<i>``: the pool's members, trained with labels on their own views (or loaded);
+   each member's test top-1 and, for each M, the first M members' averaged-softmax top-1;
+2. for each student seed: ``ce-s<seed>`` (no teacher), then for each M in
+   ``distill.n_teachers`` and each method, ``<method>-m<M>-s<seed>``: a fresh student (the same
+   initial weights for every method of a seed) trained on the student view with
+   ``γ·CE + α·KD(averaged soft labels) + Σ_i w_i·CRD(S, T_i)`` from the first M teachers;
+3. each student's top-1 on the test split; the report averages over student seeds.
+
+Methods (RepDistiller's weights): ``ce`` (γ=1), ``kd_ensemble`` (γ=0.1, α=0.9, T=4),
+``crd_ensemble`` (γ=1, β=0.8 per critic), ``crd_kd_ensemble`` (γ=1, α=1, β=0.8).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from ensemble import EnsembleDistiller, EnsembleDistillLoss
+from losses.features import Features
+from xmodal.config import to_dict
+from xmodal.data import build_dataset
+from xmodal.engine import Engine, Stage
+from xmodal.errors import ConfigError
+from xmodal.modalities import Modality, build_modality
+from xmodal.schema import ModalityConfig, ModelConfig, RunConfig, SplitConfig, TrainConfig
+from xmodal.tasks.ensemble_pool import Member, PoolSection, build_pool, check_checkpoints, data_order, ensemble_top1, \
+    resolve_pool, view_fn
+from xmodal.tasks.ensemble_report import plot_error_vs_teachers
+from xmodal.tasks.evaluation import classify_top1, top1
+from xmodal.tasks.subset import class_balanced_subset
+from xmodal.tasks.transfer import _build_backbone
+
+#: Loss weights of each method: γ on CE, α on KD from the averaged ensemble, β on every critic.
+METHODS: dict[str, dict[str, float]] = {
+    "ce": {"ce": 1.0},
+    "kd_ensemble": {"ce": 0.1, "kd": 0.9},
+    "crd_ensemble": {"ce": 1.0, "crd": 0.8},
+    "crd_kd_ensemble": {"ce": 1.0, "kd": 1.0, "crd": 0.8},
+}
+TERMS = ("ce", "kd", "crd")
+
+
+@dataclass
+class EnsembleData:
+    """The labeled dataset: ``train`` teaches teachers and students, ``test`` judges them."""
+
+    name: str = "synthetic"
+    root: Optional[str] = None
+    options: dict[str, Any] = field(default_factory=dict)
+    augment: str = "crop"
+    train: SplitConfig = field(default_factory=lambda: SplitConfig("train"))
+    test: SplitConfig = field(default_factory=lambda: SplitConfig("test"))
+    num_workers: int = 2
+
+
+@dataclass
+class EnsembleDistillSection:
+    """Which students are trained, from how many teachers, and how."""
+
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    n_teachers: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    train: TrainConfig = field(default_factory=TrainConfig)
+    weights: dict[str, dict[str, float]] = field(default_factory=dict)
+    teacher_weights: Optional[list[float]] = None
+    crd: dict[str, Any] = field(default_factory=lambda: {"nce_k": 4096, "negatives": "class"})
+    kd_T: float = 4.0
+    warm_start: bool = False
+
+
+@dataclass
+class EnsembleConfig(RunConfig):
+    """Schema of recipes with ``task: ensemble``."""
+
+    task: str = "ensemble"
+    student_seeds: list[int] = field(default_factory=lambda: [0])
+    data: EnsembleData = field(default_factory=EnsembleData)
+    modality: ModalityConfig = field(default_factory=lambda: ModalityConfig("identity", "rgb", "rgb"))
+    teachers: PoolSection = field(default_factory=lambda: PoolSection(count=4))
+    student: ModelConfig = field(default_factory=lambda: ModelConfig("resnet8", {"width": 8}))
+    distill: EnsembleDistillSection = field(default_factory=EnsembleDistillSection)
+
+    def __post_init__(self) -> None:
+        d = self.distill
+        unknown = [m for m in d.methods if m not in METHODS]
+        if unknown or not d.methods:
+            raise ConfigError(f"distill.methods={d.methods}: expected a non-empty subset of {list(METHODS)}")
+        for method, terms in d.weights.items():
+            allowed = {"ce"} if method == "ce" else set(TERMS)  # CE alone has no teacher to weigh
+            if method not in METHODS or not set(terms) <= allowed:
+                raise ConfigError(f"distill.weights.{method}={terms}: expected a method of {list(METHODS)} with terms "
+                                  f"among {['ce'] if method == 'ce' else list(TERMS)}")
+        if not d.n_teachers or min(d.n_teachers) < 1 or len(set(d.n_teachers)) != len(d.n_teachers):
+            raise ConfigError(f"distill.n_teachers={d.n_teachers}: expected distinct teacher counts >= 1")
+        if not self.student_seeds or len(set(self.student_seeds)) != len(self.student_seeds):
+            raise ConfigError(f"student_seeds={self.student_seeds}: expected distinct seeds")
+
+
+def method_terms(distill: EnsembleDistillSection, method: str) -> dict[str, float]:
+    """``{"ce": γ, "kd": α, "crd": β}`` of ``method`` with the recipe's overrides."""
+    return {**METHODS[method], **{k: float(v) for k, v in distill.weights.get(method, {}).items()}}
+
+
+# ----------------------------------------------------------------- datasets
+def _dataset(cfg: EnsembleConfig, part: SplitConfig, augment: bool) -> Dataset:
+    options = {"seed": cfg.seed, **cfg.data.options}
+    dataset = build_dataset(cfg.data.name, cfg.data.root, part.split, augment=cfg.data.augment if augment else None,
+                            labeled=True, **options)
+    if part.subset is not None and part.subset < len(dataset):
+        dataset = class_balanced_subset(dataset, part.subset, cfg.seed)
+    return dataset
+
+
+def _teacher_counts(cfg: EnsembleConfig, pool_size: int) -> list[int]:
+    counts = sorted(cfg.distill.n_teachers)
+    if counts[-1] > pool_size:
+        raise ConfigError(f"distill.n_teachers asks for {counts[-1]} teachers but the pool has {pool_size}; "
+                          "raise teachers.count or lower distill.n_teachers")
+    return counts
+
+
+def _teacher_weights(cfg: EnsembleConfig, pool_size: int) -> list[float]:
+    weights = cfg.distill.teacher_weights
+    if weights is None:
+        return [1.0] * pool_size
+    if len(weights) != pool_size:
+        raise ConfigError(f"distill.teacher_weights has {len(weights)} entries for a pool of {pool_size} teachers; "
+                          "expected one per teacher")
+    return list(weights)
+
+
+# -------------------------------------------------------------------- stages
+def _features_fn(modality: Modality, members: Sequence[Member], teachers: Sequence[nn.Module]
+                 ) -> Callable[[dict[str, Tensor]], tuple[Tensor, list[Features]]]:
+    """``batch -> (student view, [teacher features])``; every view converted once per batch."""
+    names = list(dict.fromkeys([modality.student_view, *(m.view for m in members)]))
+
+    def features(batch: dict[str, Tensor]) -> tuple[Tensor, list[Features]]:
+        views = modality.views(batch, names)
+        with torch.no_grad():
+            taught = [teacher(views[m.view]).detach() for m, teacher in zip(members, teachers)]
+        return views[modality.student_view], taught
+
+    return features
+
+
+def _ensemble_loss(cfg: EnsembleConfig, method: str, student: nn.Module, features, sample: dict[str, Tensor],
+                   n_data: int, labels: Tensor, num_classes: int, weights: Sequence[float], seed: int) -> EnsembleDistillLoss:
+    terms = method_terms(cfg.distill, method)
+    with torch.no_grad():
+        student_in, teachers = features(sample)
+        student.eval()
+        s_feats = student(student_in)
+        student.train()
+    if not teachers:
+        return EnsembleDistillLoss(None, 0, ce_weight=terms["ce"])
+    crd = {**cfg.distill.crd}
+    if crd.get("negatives") == "class":
+        crd.setdefault("labels", labels)
+    try:
+        return EnsembleDistillLoss.from_features(
+            s_feats, teachers, n_data=n_data, num_classes=num_classes,
+            crd_weights=[terms.get("crd", 0.0) * w for w in weights], ce_weight=terms.get("ce", 0.0),
+            kd_weight=terms.get("kd", 0.0), kd_T=cfg.distill.kd_T, seed=seed, **crd)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{method} with {len(teachers)} teachers (distill.crd={cfg.distill.crd}): {err}") from None
+
+
+def student_stage(cfg: EnsembleConfig, engine: Engine, method: str, members: Sequence[Member],
+                  teachers: Sequence[nn.Module], train_set: Dataset, sample: dict[str, Tensor], modality: Modality,
+                  num_classes: int, weights: Sequence[float], seed: int, record: dict[str, Any]) -> tuple[Stage, nn.Module]:
+    """The stage that trains one student from ``teachers`` (none for ``ce``) with ``method``.
+
+    ``sample`` is one batch of ``train_set`` on the device: the loss reads feature widths from it.
+    """
+    student = _build_backbone(cfg.student, modality.student_channels, num_classes, seed)
+    student.to(engine.device)
+    features = _features_fn(modality, members, teachers)
+    loss = _ensemble_loss(cfg, method, student, features, sample, len(train_set), train_set.labels, num_classes,
+                          weights, seed)
+    module = EnsembleDistiller(student, loss)
+
+    def step(wrapped: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        student_in, taught = features(batch)
+        return wrapped(student_in, taught, batch["index"], batch["label"])
+
+    def on_epoch_start(epoch: int) -> None:
+        train_set.set_epoch(epoch)
+        if cfg.distill.warm_start and epoch == 0 and loss.critics is not None:
+            _warm_start(engine, module, features, train_set)
+
+    # The stage's identity: only what changes this student (a CE student ignores the CRD options).
+    terms = method_terms(cfg.distill, method)
+    config = {**record, "method": method, "terms": terms, "seed": seed}
+    if members:
+        config.update(teachers=[to_dict(m) for m in members], teacher_train=to_dict(cfg.teachers.train),
+                      teacher_weights=list(weights))
+    if terms.get("crd"):
+        config.update(crd=cfg.distill.crd, warm_start=cfg.distill.warm_start)
+    if terms.get("kd"):
+        config.update(kd_T=cfg.distill.kd_T)
+    name = "ce" if method == "ce" else f"{method}-m{len(teachers)}"
+    stage = Stage(name=f"{name}-s{seed}", module=module, step=step, dataset=train_set, epochs=cfg.distill.train.epochs,
+                  batch_size=cfg.distill.train.batch_size, optimizer=cfg.distill.train.optim.build,
+                  lr_lambda=cfg.distill.train.optim.lr_lambda(cfg.distill.train.epochs), config=config,
+                  frozen={f"teacher_{i}": t for i, t in enumerate(teachers)}, on_epoch_start=on_epoch_start)
+    return stage, student
+
+
+@torch.no_grad()
+def _warm_start(engine: Engine, module: EnsembleDistiller, features, dataset: Dataset) -> None:
+    """Fill every critic's banks with one inference pass before the first epoch (DESIGN.md)."""
+    for batch in engine.progress(engine.loader(dataset, 256, shuffle=False), desc="warm start"):
+        batch = engine.to_device(batch)
+        with engine.accelerator.autocast():
+            student_in, taught = features(batch)
+            module.warm_start(student_in, taught, batch["index"])
+
+
+# ------------------------------------------------------------------- runner
+def run_ensemble(cfg: EnsembleConfig, engine: Engine) -> dict[str, Any]:
+    """Run every stage of an ensemble recipe and return the report's content."""
+    began = time.perf_counter()
+    modality = build_modality(cfg.modality.name, teacher_view=cfg.modality.teacher_view,
+                              student_view=cfg.modality.student_view, **cfg.modality.options)
+    members = resolve_pool(cfg.teachers, modality)
+    counts = _teacher_counts(cfg, len(members))
+    weights = _teacher_weights(cfg, len(members))
+    train_set = _dataset(cfg, cfg.data.train, augment=True)
+    test_set = _dataset(cfg, cfg.data.test, augment=False)
+    if not getattr(train_set, "classes", None):
+        raise ConfigError(f"dataset {cfg.data.name!r} split {cfg.data.train.split!r} has no classes: ensembles need labels")
+    num_classes = len(train_set.classes)
+    check_checkpoints(members, modality, num_classes, f"{cfg.data.name} {cfg.data.train.split}")
+    record = to_dict(cfg)
+    data_record = {k: v for k, v in record["data"].items() if k not in ("test", "num_workers")}
+    # cfg.seed picks the subset, the augmentation draws and the teachers' data order.
+    shared = {"data": data_record, "modality": record["modality"], "run_seed": cfg.seed}
+    timings: dict[str, float] = {}
+
+    # 1. the teacher pool (only the members some M uses)
+    t0 = time.perf_counter()
+    used = members[: counts[-1]] if set(cfg.distill.methods) - {"ce"} else []
+    teachers, test_logits, test_labels = build_pool(engine, used, modality, train_set, test_set, num_classes,
+                                                    cfg.teachers.train, shared)
+    timings["teachers"] = time.perf_counter() - t0
+    pool = {
+        "members": [{"member": m.describe(), "view": m.view, "top1": top1(l, test_labels)} for m, l in zip(used, test_logits)],
+        "ensemble_top1": {str(m): ensemble_top1(test_logits[:m], test_labels) for m in counts if used},
+    }
+
+    # 2. students, one seed at a time, every method from the same initial weights
+    student_record = {**shared, "student": record["student"], "train": record["distill"]["train"]}
+    sample = engine.to_device(next(iter(engine.loader(train_set, min(8, len(train_set)), shuffle=False))))
+    per_seed = []
+    for seed in cfg.student_seeds:
+        runs = [("ce", 0)] if "ce" in cfg.distill.methods else []
+        runs += [(method, m) for m in counts for method in cfg.distill.methods if method != "ce"]
+        for method, m in runs:
+            t0 = time.perf_counter()
+            with data_order(engine, cfg.seed + seed):
+                stage, student = student_stage(cfg, engine, method, used[:m], teachers[:m], train_set, sample,
+                                               modality, num_classes, weights[:m], seed, student_record)
+                result = engine.run(stage, lambda: {"top1": classify_top1(
+                    engine, student, test_set, view_fn(modality, modality.student_view), desc=f"{stage.name} test")})
+            timings[stage.name] = time.perf_counter() - t0
+            per_seed.append({"method": method, "n_teachers": m, "seed": seed, "top1": result["top1"]})
+    return {
+        "results": _mean_rows(per_seed, cfg.distill.methods),
+        "per_seed": per_seed,
+        "teachers": pool,
+        "extra": _summary(cfg, pool, len(train_set), len(test_set)),
+        "timings": {**timings, "total": time.perf_counter() - began},
+    }
+
+
+run_ensemble.plotter = plot_error_vs_teachers  # type: ignore[attr-defined]  # report.png: error against M
+
+
+def _mean_rows(per_seed: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[dict[str, Any]]:
+    rows = []
+    keys = list(dict.fromkeys((r["method"], r["n_teachers"]) for r in per_seed))
+    for method, m in sorted(keys, key=lambda k: (methods.index(k[0]), k[1])):
+        values = [r["top1"] for r in per_seed if (r["method"], r["n_teachers"]) == (method, m)]
+        rows.append({"method": method, "protocol": "test", "metric": "top1", "value": statistics.fmean(values),
+                     "n_teachers": m})
+    return rows
+
+
+def _summary(cfg: EnsembleConfig, pool: dict[str, Any], n_train: int, n_test: int) -> dict[str, str]:
+    members = "; ".join(f"{i}: {p['member']} {p['top1']:.2f}" for i, p in enumerate(pool["members"]))
+    ensemble = ", ".join(f"M={m}: {v:.2f}" for m, v in pool["ensemble_top1"].items())
+    d, t = cfg.distill.train, cfg.teachers.train
+    return {
+        "teachers (test top1)": members or "none",
+        "teacher ensemble (averaged softmax, test top1)": ensemble or "none",
+        "students": f"{cfg.student.arch} {cfg.student.options} on {cfg.modality.student_view}, "
+                    f"mean over seeds {cfg.student_seeds}",
+        "budget": f"{n_train} training / {n_test} test images; teachers {t.epochs} epochs, students {d.epochs} "
+                  f"epochs at batch {d.batch_size}; CRD {cfg.distill.crd}, warm start {cfg.distill.warm_start}",
+    }
