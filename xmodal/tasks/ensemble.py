@@ -37,7 +37,7 @@ from xmodal.tasks.ensemble_pool import Member, PoolSection, build_pool, check_ch
 from xmodal.tasks.ensemble_report import plot_error_vs_teachers
 from xmodal.tasks.evaluation import classify_top1, top1
 from xmodal.tasks.subset import class_balanced_subset
-from xmodal.tasks.transfer import _build_backbone
+from xmodal.tasks.supervised import build_backbone
 
 #: Loss weights of each method: γ on CE, α on KD from the averaged ensemble, β on every critic.
 METHODS: dict[str, dict[str, float]] = {
@@ -181,7 +181,7 @@ def student_stage(cfg: EnsembleConfig, engine: Engine, method: str, members: Seq
 
     ``sample`` is one batch of ``train_set`` on the device: the loss reads feature widths from it.
     """
-    student = _build_backbone(cfg.student, modality.student_channels, num_classes, seed)
+    student = build_backbone(cfg.student, modality.student_channels, num_classes, seed)
     student.to(engine.device)
     features = _features_fn(modality, members, teachers)
     loss = _ensemble_loss(cfg, method, student, features, sample, len(train_set), train_set.labels, num_classes,
@@ -220,7 +220,7 @@ def _warm_start(engine: Engine, module: EnsembleDistiller, features, dataset: Da
     """Fill every critic's banks with one inference pass before the first epoch (DESIGN.md)."""
     for batch in engine.progress(engine.loader(dataset, 256, shuffle=False), desc="warm start"):
         batch = engine.to_device(batch)
-        with engine.accelerator.autocast():
+        with engine.autocast():
             student_in, taught = features(batch)
             module.warm_start(student_in, taught, batch["index"])
 

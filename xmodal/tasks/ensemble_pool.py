@@ -28,7 +28,7 @@ from xmodal.models import load_backbone, save_backbone
 from xmodal.models.checkpoint import read_checkpoint
 from xmodal.schema import ModelConfig, TrainConfig
 from xmodal.tasks.evaluation import extract, top1
-from xmodal.tasks.transfer import _build_backbone, _supervised_stage
+from xmodal.tasks.supervised import build_backbone, supervised_stage
 
 
 @dataclass
@@ -159,8 +159,8 @@ def build_pool(engine: Engine, members: Sequence[Member], modality: Modality, tr
             teacher = load_backbone(m.checkpoint, f"teacher {m.position}", in_channels=modality.channels[m.view],
                                     num_classes=num_classes)
         else:
-            teacher = _build_backbone(m.model, modality.channels[m.view], num_classes, m.seed)
-            stage = _supervised_stage(f"teacher-{m.position}", teacher, train_set, view, train,
+            teacher = build_backbone(m.model, modality.channels[m.view], num_classes, m.seed)
+            stage = supervised_stage(f"teacher-{m.position}", teacher, train_set, view, train,
                                       {**record, "teacher": to_dict(m), "train": to_dict(train)})
             with data_order(engine, m.seed):
                 engine.run(stage)

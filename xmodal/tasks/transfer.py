@@ -16,23 +16,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import Dataset
 
 from xmodal.config import to_dict
 from xmodal.data import build_dataset
-from xmodal.engine import Engine, Stage
+from xmodal.engine import Engine
 from xmodal.errors import ConfigError
 from xmodal.modalities import Modality, build_modality
-from xmodal.models import build_model
 from xmodal.models.checkpoint import load_weights_into, read_checkpoint
 from xmodal.schema import ModalityConfig, ModelConfig, OptimConfig, RunConfig, SplitConfig, TrainConfig
 from xmodal.tasks.distill import distill_stages, needs_logits
 from xmodal.tasks.evaluation import classify_top1
 from xmodal.tasks.linear_probe import ProbeConfig, linear_probe
 from xmodal.tasks.subset import class_balanced_subset
+from xmodal.tasks.supervised import build_backbone, supervised_stage
 
 PROTOCOLS = ("linear_probe", "finetune")
 
@@ -121,23 +118,6 @@ def _num_classes(dataset: Dataset, role: str, part: SplitConfig) -> int:
 
 
 # -------------------------------------------------------------------- stages
-def _supervised_stage(name: str, model: nn.Module, dataset: Dataset, view, train: TrainConfig,
-                      record: dict[str, Any]) -> Stage:
-    def step(wrapped, batch):
-        loss = F.cross_entropy(wrapped(view(batch)).logits, batch["label"])
-        return {"loss": loss, "ce": loss}
-
-    return Stage(name=name, module=model, step=step, dataset=dataset, epochs=train.epochs,
-                 batch_size=train.batch_size, optimizer=train.optim.build,
-                 lr_lambda=train.optim.lr_lambda(train.epochs), config=record,
-                 on_epoch_start=getattr(dataset, "set_epoch", None))
-
-
-def _build_backbone(model: ModelConfig, in_channels: int, num_classes: int, seed: int) -> nn.Module:
-    torch.manual_seed(seed)  # every method's student starts from the same weights
-    return build_model(model.arch, in_channels=in_channels, num_classes=num_classes, **model.options)
-
-
 class _Views:
     """Teacher and student views of a batch through one adapter, converted once per batch.
 
@@ -185,13 +165,13 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     record = to_dict(cfg)
 
     # 1. teacher
-    teacher = _build_backbone(cfg.teacher.model, modality.teacher_channels, teacher_classes, cfg.seed)
+    teacher = build_backbone(cfg.teacher.model, modality.teacher_channels, teacher_classes, cfg.seed)
     if cfg.teacher.checkpoint:
         load_weights_into(teacher, cfg.teacher.checkpoint, role="teacher")
         teacher.to(engine.device)
         teacher_result = {"top1": classify_top1(engine, teacher, probe_test, views.teacher, desc="teacher test")}
     else:
-        stage = _supervised_stage("teacher", teacher, teacher_train, views.teacher, cfg.teacher.train,
+        stage = supervised_stage("teacher", teacher, teacher_train, views.teacher, cfg.teacher.train,
                                   {"teacher": record["teacher"], "data": record["data"], "seed": cfg.seed,
                                    "modality": record["modality"]})
         teacher_result = engine.run(stage, lambda: {"top1": classify_top1(engine, teacher, probe_test, views.teacher,
@@ -202,7 +182,7 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     rows = []
     for method in cfg.distill.methods:
         t0 = time.perf_counter()
-        student = _build_backbone(cfg.student, modality.student_channels,
+        student = build_backbone(cfg.student, modality.student_channels,
                                   teacher_classes if needs_logits(method) else 0, cfg.seed + 1)
         shared = {"student": record["student"], "teacher": record["teacher"], "data": record["data"],
                   "modality": record["modality"], "seed": cfg.seed}
@@ -235,7 +215,7 @@ def _judge(cfg, engine, method, student, probe_train, finetune_train, probe_test
         rows.append({"method": method, "protocol": "linear_probe", "metric": "top1", "value": result["top1"]})
     if "finetune" in cfg.protocols:
         student.reset_classifier(num_classes)
-        stage = _supervised_stage(f"finetune-{method}", student, finetune_train, views.student, cfg.finetune,
+        stage = supervised_stage(f"finetune-{method}", student, finetune_train, views.student, cfg.finetune,
                                   {"finetune": record["finetune"], "method": method, "data": record["data"],
                                    "distill": record["distill"]["train"], "teacher": record["teacher"],
                                    "student": record["student"], "seed": cfg.seed})
