@@ -49,7 +49,9 @@ class FitNet(DistillLoss):
 
     Feature choice (reference ``--hint_layer 2``): ``maps[hint_layer]`` of both networks, the
     output of the second stage. ``from_features`` builds the :class:`ConvReg` regressor ``r``
-    from the two maps' shapes; it trains with the student.
+    from the two maps' shapes; it trains with the student. Its final ReLU suits post-ReLU hints
+    (ResNets); ``use_relu=False`` drops it for a teacher whose hint map is a linear projection
+    with negative values (EfficientNet's stages), which a ReLU output could never reach.
 
     Reference weight β = 100 (with γ = 1 CE, α = 0). The reference trains the regressor jointly
     with the student in a single stage (not FitNet's original two stages), and so does xmodal.
@@ -82,10 +84,11 @@ class FitNet(DistillLoss):
         n_data: Optional[int] = None,
         labels: Optional[Tensor] = None,
         hint_layer: int = 2,
+        use_relu: bool = True,
         **options,
     ) -> "FitNet":
         f_s, f_t = _hints(student, teacher, hint_layer)
-        return cls(regressor=ConvReg(f_s.shape, f_t.shape), hint_layer=hint_layer, **options)
+        return cls(regressor=ConvReg(f_s.shape, f_t.shape, use_relu=use_relu), hint_layer=hint_layer, **options)
 
     def forward_features(
         self,

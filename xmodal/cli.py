@@ -12,6 +12,7 @@ and exits with status 2; nothing already written is touched.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -29,9 +30,11 @@ EXIT_USER_ERROR = 2
 def _tasks() -> dict[str, tuple[type, Callable[..., dict[str, Any]]]]:
     """Task name -> (config schema, runner). Imported lazily: ``xmodal --help`` stays fast."""
     from xmodal.tasks.ensemble import EnsembleConfig, run_ensemble
+    from xmodal.tasks.rgbd import RGBDConfig, run_rgbd
     from xmodal.tasks.transfer import TransferConfig, run_transfer
 
-    return {"transfer": (TransferConfig, run_transfer), "ensemble": (EnsembleConfig, run_ensemble)}
+    return {"transfer": (TransferConfig, run_transfer), "rgbd": (RGBDConfig, run_rgbd),
+            "ensemble": (EnsembleConfig, run_ensemble)}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +54,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _workers(dataset: str, requested: Optional[int]) -> int:
+    """DataLoader workers: as asked, else none for the in-memory synthetic set (workers would
+    only copy tensors between processes) and up to 4 for sets that decode files."""
+    if requested is not None:
+        return requested
+    return 0 if dataset == "synthetic" else min(4, os.cpu_count() or 1)
+
+
 def run_recipe(recipe: str, overrides: list[str]) -> dict[str, Path]:
     """Resolve, run and report one recipe; returns the report's paths."""
     from xmodal.engine import Engine
@@ -61,7 +72,7 @@ def run_recipe(recipe: str, overrides: list[str]) -> dict[str, Path]:
     output_dir = Path(cfg.output_dir or Path("runs") / cfg.recipe)
     resolved = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     engine = Engine(output_dir, seed=cfg.seed, mixed_precision=cfg.mixed_precision, cpu=cfg.cpu,
-                    num_workers=cfg.data.num_workers, resolved_config=resolved)
+                    num_workers=_workers(cfg.data.name, cfg.data.num_workers), resolved_config=resolved)
     report = tasks[cfg.task][1](cfg, engine)
     report.update(
         recipe=cfg.recipe,

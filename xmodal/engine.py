@@ -394,6 +394,9 @@ class Engine:
         if self.is_main:
             atomic_save(stage.module.state_dict(), folder / FINAL)
             atomic_write_text(json.dumps(result, indent=2, default=float), folder / RESULT)
+            # The stage is finished: final.pt and result.json replace the resumable checkpoint
+            # (which also holds the optimiser state, about as large again).
+            (folder / CHECKPOINT).unlink(missing_ok=True)
         self.accelerator.wait_for_everyone()
         return result
 

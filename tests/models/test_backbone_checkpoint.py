@@ -102,7 +102,7 @@ def test_missing_corrupt_and_foreign_files(tmp_path):
     with pytest.raises(CheckpointError, match="nope.pt does not exist"):
         load_weights_into(model, tmp_path / "nope.pt")
     (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="corrupt.pt is not readable"):
+    with pytest.raises(CheckpointError, match="corrupt.pt is not a readable PyTorch checkpoint"):
         load_backbone(tmp_path / "corrupt.pt")
     torch.save(model.state_dict(), tmp_path / "bare.pt")  # a plain state dict, not ours
     with pytest.raises(CheckpointError, match="bare.pt is not an xmodal backbone checkpoint"):

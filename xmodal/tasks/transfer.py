@@ -46,7 +46,7 @@ class DataSection:
     distill: SplitConfig = field(default_factory=lambda: SplitConfig("unlabeled"))
     probe_train: SplitConfig = field(default_factory=lambda: SplitConfig("train"))
     probe_test: SplitConfig = field(default_factory=lambda: SplitConfig("test"))
-    num_workers: int = 2
+    num_workers: Optional[int] = None  # None: 0 for the in-memory synthetic set, else up to 4
 
 
 @dataclass
@@ -163,6 +163,7 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
         teacher_classes = _num_classes(teacher_train, "teacher", cfg.data.teacher)
     timings: dict[str, float] = {}
     record = to_dict(cfg)
+    record["data"].pop("num_workers")  # workers change no result: not part of any stage's identity
 
     # 1. teacher
     teacher = build_backbone(cfg.teacher.model, modality.teacher_channels, teacher_classes, cfg.seed)
