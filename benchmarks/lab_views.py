@@ -87,12 +87,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--images", type=int, default=5000)
+    parser.add_argument("--resolution", type=int, default=96, help="synthetic image side (STL-10: 96)")
     parser.add_argument("--jpeg-root", default=None, help="an ImageFolder tree of JPEGs (e.g. cifar10/train)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     print(f"device={args.device} workers={args.workers} batch={args.batch_size} threads={torch.get_num_threads()}")
     print(f"{'data':28s} {'xmodal img/s':>13s} {'per-image img/s':>16s} {'speed-up':>9s}")
-    sets = [("synthetic 32px (in memory)", build_dataset("synthetic", None, "unlabeled", num_samples=args.images))]
+    sets = [(f"synthetic {args.resolution}px (in memory)",
+             build_dataset("synthetic", None, "unlabeled", num_samples=args.images, resolution=args.resolution))]
     if args.jpeg_root:
         sets.append(("JPEG ImageFolder", build_dataset("imagefolder", args.jpeg_root, "all", subset=args.images)))
     for name, dataset in sets:

@@ -127,3 +127,25 @@ class TestRealCifar10Jpeg:
         assert dataset.verify() == 500
         first = dataset[0]["image"]
         assert first.shape == (3, 32, 32) and torch.equal(first, dataset[0]["image"])
+
+
+def test_cache_decodes_once_and_matches_reading_from_disk(cifar10_jpeg):
+    from xmodal.data import build_dataset
+
+    lazy = build_dataset("imagefolder", cifar10_jpeg, "test", subset=40, augment="crop", seed=3)
+    cached = build_dataset("imagefolder", cifar10_jpeg, "test", subset=40, augment="crop", seed=3, cache=True)
+    assert cached.cached is not None and len(cached.cached) == 40
+    for epoch in (0, 1):
+        lazy.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        for i in (0, 17, 39):
+            assert torch.equal(lazy[i]["image"], cached[i]["image"])
+
+
+def test_cache_reports_a_corrupt_file_before_training(tmp_path):
+    folder = tmp_path / "cat"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "good.png")
+    (folder / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with pytest.raises(DataError, match="bad.jpg"):
+        ImageFolderDataset(tmp_path, cache=True)

@@ -84,6 +84,9 @@ class ImageFolderDataset(ImageDataset):
         seed: chooses the subset and seeds the augmentation.
         augment, size: see :class:`~xmodal.data.augment.ImageAugment`. Images of different
             sizes need ``size`` to be batched.
+        cache: decode every image once, now, and keep the uint8 pixels in memory (CIFAR-sized
+            sets: 20,000 images take 60 MB and spare each epoch 20,000 JPEG decodes; a corrupt
+            file is then reported before training starts).
     """
 
     def __init__(
@@ -94,6 +97,7 @@ class ImageFolderDataset(ImageDataset):
         seed: int = 0,
         augment: Union[ImageAugment, str, None] = None,
         size: Optional[int] = None,
+        cache: bool = False,
     ) -> None:
         self.root = existing_dir(root)
         classes, files, labels = list_image_folder(self.root)
@@ -103,13 +107,16 @@ class ImageFolderDataset(ImageDataset):
             files, class_labels = [files[i] for i in keep.tolist()], class_labels[keep]
         super().__init__(class_labels, classes, labeled, augment, size, seed)
         self.files = files
+        self.cached: Optional[list[Tensor]] = None
+        if cache:
+            self.cached = [decode_file(self.path(i)) for i in range(len(files))]
 
     def path(self, index: int) -> Path:
         """The file of sample ``index``."""
         return self.root / self.files[index]
 
     def read_image(self, index: int) -> Tensor:
-        return decode_file(self.path(index))
+        return self.cached[index] if self.cached is not None else decode_file(self.path(index))
 
     def verify(self) -> int:
         """Check every file's header (fast: nothing is decoded); returns the number checked.

@@ -191,7 +191,7 @@ def evaluate_segmentation(engine: Engine, segmenter: nn.Module, dataset: Dataset
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=engine.device)
     for batch in engine.progress(engine.loader(dataset, batch_size, shuffle=False), desc=desc):
         batch = engine.to_device(batch)
-        with engine.accelerator.autocast():
+        with engine.autocast():
             prediction = segmenter(view(batch)).argmax(1)
         confusion += confusion_matrix(prediction, batch["mask"], num_classes)
         if on_batch is not None:
