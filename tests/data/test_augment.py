@@ -11,7 +11,8 @@ from xmodal.errors import DataError
 
 
 def draws(seed: int, epoch: int, index: int) -> torch.Tensor:
-    return torch.rand(4, generator=sample_generator(seed, epoch, index))
+    rng = sample_generator(seed, epoch, index)
+    return torch.tensor([rng.random() for _ in range(4)])
 
 
 class TestSampleGenerator:
@@ -146,3 +147,29 @@ class TestRGBDAugment:
     def test_zoom_below_one_is_rejected(self):
         with pytest.raises(DataError, match="zoom"):
             RGBDAugment(scale=(0.5, 1.0))
+
+
+def test_padded_crop_equals_torchvision_crop_for_every_offset():
+    import random
+
+    import torchvision.transforms.v2.functional as TF
+
+    from xmodal.data.augment import random_crop_flip
+
+    image = torch.randint(0, 256, (3, 8, 10), dtype=torch.uint8)
+
+    class Fixed(random.Random):  # hands out the offsets under test, and "no flip"
+        def __init__(self, top, left):
+            super().__init__(0)
+            self.values = [top, left]
+
+        def randint(self, low, high):
+            return self.values.pop(0)
+
+        def random(self):
+            return 0.9
+
+    for top in range(-3, 4):
+        for left in range(-3, 4):
+            got = random_crop_flip(image, Fixed(top, left), padding=3)
+            assert torch.equal(got, TF.crop(image, top, left, 8, 10)), (top, left)

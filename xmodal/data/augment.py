@@ -1,6 +1,6 @@
 """Deterministic, geometric-only augmentation for the data workers.
 
-Every random choice is drawn from a ``torch.Generator`` seeded by ``(seed, epoch, index)``
+Every random choice is drawn from a random source seeded by ``(seed, epoch, index)``
 (:func:`sample_generator`), so a sample's augmentation is a pure function of those three
 numbers: it never depends on the worker, the rank or the number of processes, and a resumed
 run replays exactly the same crops. No colour maths happens here: the Lab conversion runs
@@ -17,10 +17,10 @@ Two families:
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, replace
 from typing import Optional, Union
 
-import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
@@ -34,29 +34,44 @@ IMAGE_MODES = ("none", "crop", "resized_crop")
 _NEAREST = InterpolationMode.NEAREST_EXACT
 
 
-def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """A generator that depends only on ``(seed, epoch, index)``.
+_MASK64 = (1 << 64) - 1
 
-    ``SeedSequence`` hashes the triple, so neighbouring indices or epochs get unrelated streams
-    (a plain ``seed + index`` would make sample i of epoch e+1 repeat sample i+1 of epoch e).
+
+def _splitmix64(x: int) -> int:
+    """One round of SplitMix64: a 64-bit mixing function (adjacent inputs -> unrelated outputs)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> random.Random:
+    """A random source that depends only on ``(seed, epoch, index)``.
+
+    The triple is hashed (chained SplitMix64), so neighbouring indices or epochs get unrelated
+    streams (a plain ``seed + index`` would make sample i of epoch e+1 repeat sample i+1 of
+    epoch e). Python's ``random.Random`` rather than a ``torch.Generator``: a handful of draws
+    per image costs about a microsecond instead of tens, which matters in the per-sample path.
     """
     if min(seed, epoch, index) < 0:
         raise DataError(f"augmentation seed, epoch and index must be >= 0, got {(seed, epoch, index)}")
-    state = np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
+    state = 0
+    for part in (seed, epoch, index):
+        state = _splitmix64(state ^ part)
+    return random.Random(state)
 
 
-def _uniform(generator: torch.Generator, low: float, high: float) -> float:
-    return low + (high - low) * float(torch.rand((), generator=generator))
+def _uniform(generator: random.Random, low: float, high: float) -> float:
+    return generator.uniform(low, high)
 
 
-def _randint(generator: torch.Generator, low: int, high: int) -> int:
+def _randint(generator: random.Random, low: int, high: int) -> int:
     """An integer in ``[low, high]`` (both ends included)."""
-    return int(torch.randint(low, high + 1, (), generator=generator))
+    return generator.randint(low, high)
 
 
-def _coin(generator: torch.Generator) -> bool:
-    return bool(torch.rand((), generator=generator) < 0.5)
+def _coin(generator: random.Random) -> bool:
+    return generator.random() < 0.5
 
 
 def default_padding(side: int) -> int:
@@ -64,7 +79,7 @@ def default_padding(side: int) -> int:
     return max(1, round(4 * side / 32))
 
 
-def random_crop_flip(image: Tensor, generator: torch.Generator, padding: Optional[int] = None) -> Tensor:
+def random_crop_flip(image: Tensor, generator: random.Random, padding: Optional[int] = None) -> Tensor:
     """Random crop of the zero-padded image back to its size, then a coin-flip mirror.
 
     Args:
@@ -77,13 +92,18 @@ def random_crop_flip(image: Tensor, generator: torch.Generator, padding: Optiona
     height, width = image.shape[-2:]
     pad = default_padding(min(height, width)) if padding is None else padding
     top, left = _randint(generator, -pad, pad), _randint(generator, -pad, pad)
-    # torchvision's crop fills the part of the box outside the image with zeros = padding.
-    out = TF.crop(image, top, left, height, width)
-    return TF.horizontal_flip(out) if _coin(generator) else out
+    # The box [top, top + H) x [left, left + W) of the zero-padded image: copy the part that
+    # overlaps the image into zeros (two slices; no padded copy of the whole image).
+    out = torch.zeros_like(image)
+    rows = slice(max(0, -top), min(height, height - top))
+    cols = slice(max(0, -left), min(width, width - left))
+    out[..., rows, cols] = image[..., max(0, top) : max(0, top) + rows.stop - rows.start,
+                                 max(0, left) : max(0, left) + cols.stop - cols.start]
+    return out.flip(-1) if _coin(generator) else out
 
 
 def resized_crop_box(
-    height: int, width: int, generator: torch.Generator, scale: tuple[float, float], ratio: tuple[float, float]
+    height: int, width: int, generator: random.Random, scale: tuple[float, float], ratio: tuple[float, float]
 ) -> tuple[int, int, int, int]:
     """``(top, left, h, w)`` of a random box covering ``scale`` of the area with aspect in ``ratio``.
 
@@ -111,7 +131,7 @@ def resized_crop_box(
 
 def random_resized_crop_flip(
     image: Tensor,
-    generator: torch.Generator,
+    generator: random.Random,
     size: int,
     scale: tuple[float, float] = (0.3, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
@@ -174,7 +194,7 @@ class ImageAugment:
         """Whether this augmentation draws random numbers (needs a generator)."""
         return self.mode != "none"
 
-    def __call__(self, image: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    def __call__(self, image: Tensor, generator: Optional[random.Random] = None) -> Tensor:
         """``(3, H, W)`` uint8 -> ``(3, S, S)`` uint8 (S = ``size`` or the input side).
 
         Without a generator the deterministic eval view is returned.
@@ -227,7 +247,7 @@ class RGBDAugment:
             raise DataError(f"RGB-D zoom range must satisfy 1 <= low <= high, got {self.scale}")
 
     def __call__(
-        self, image: Tensor, depth: Tensor, mask: Tensor, generator: Optional[torch.Generator] = None
+        self, image: Tensor, depth: Tensor, mask: Tensor, generator: Optional[random.Random] = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Returns ``(image, depth, mask)`` at ``size``; eval view when ``generator`` is None."""
         src = (int(image.shape[-2]), int(image.shape[-1]))

@@ -7,6 +7,7 @@ sample's row in the CRD memory bank. NYU-Depth-V2 adds ``"depth"`` and ``"mask"`
 """
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -79,7 +80,7 @@ class AugmentedDataset(Dataset):
         """Select the augmentation draws of ``epoch`` (call before each epoch's loader)."""
         self.epoch = int(epoch)
 
-    def generator(self, index: int) -> torch.Generator:
+    def generator(self, index: int) -> random.Random:
         """The generator for sample ``index`` in the current epoch."""
         return sample_generator(self.seed, self.epoch, index)
 
