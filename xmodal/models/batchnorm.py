@@ -42,12 +42,17 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         channels = input.shape[1]
         dims = [0] + list(range(2, input.dim()))
         x = input.float()
-        count = torch.tensor([x.numel() / channels], device=x.device, dtype=x.dtype)
-        packed = torch.cat([x.sum(dims), (x * x).sum(dims), count])
-        packed = _SumOverProcesses.apply(packed)
+        # Two passes, like nn.BatchNorm: the global mean first, then the global sum of squared
+        # deviations. The one-pass E[x^2] - E[x]^2 cancels catastrophically for a channel whose
+        # spread is small against its mean, and rsqrt(var + eps) amplifies the error. Sums are
+        # accumulated in float64 (per-channel scalars: free) so their order does not matter.
+        count = torch.tensor([x.numel() / channels], device=x.device, dtype=torch.float64)
+        packed = _SumOverProcesses.apply(torch.cat([x.sum(dims, dtype=torch.float64), count]))
         total = packed[-1]
-        mean = packed[:channels] / total
-        var = (packed[channels : 2 * channels] / total - mean * mean).clamp_min(0.0)
+        shape = [1, channels] + [1] * (input.dim() - 2)
+        mean = (packed[:channels] / total).to(x.dtype)
+        centred = x - mean.view(shape)
+        var = (_SumOverProcesses.apply((centred * centred).sum(dims, dtype=torch.float64)) / total).to(x.dtype)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -55,8 +60,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
                 unbiased = var * total / (total - 1).clamp_min(1)
                 self.running_mean.mul_(1 - momentum).add_(mean.to(self.running_mean.dtype), alpha=momentum)
                 self.running_var.mul_(1 - momentum).add_(unbiased.to(self.running_var.dtype), alpha=momentum)
-        shape = [1, channels] + [1] * (input.dim() - 2)
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = centred * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(input.dtype)
