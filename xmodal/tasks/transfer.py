@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
+from torch import nn
 from torch.utils.data import Dataset
 
 from xmodal.config import to_dict
@@ -164,6 +166,30 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     timings: dict[str, float] = {}
     record = to_dict(cfg)
     record["data"].pop("num_workers")  # workers change no result: not part of any stage's identity
+    shared = {"student": record["student"], "teacher": record["teacher"], "data": record["data"],
+              "modality": record["modality"], "seed": cfg.seed}
+
+    def new_student(method: str) -> nn.Module:
+        return build_backbone(cfg.student, modality.student_channels,
+                              teacher_classes if needs_logits(method) else 0, cfg.seed + 1)
+
+    def stages_of(method: str, student: nn.Module, teacher: nn.Module) -> list:
+        return distill_stages(engine, method, student, teacher, distill_set, views.teacher, views.student,
+                              cfg.distill.train, weights=cfg.distill.weights, loss_options=cfg.distill.loss_options,
+                              ce_weight=cfg.distill.ce_weight, init_cfg=cfg.distill.init_train,
+                              warm_start=cfg.distill.warm_start,
+                              record={**shared, "distill": record["distill"]["train"],
+                                      "warm_start": cfg.distill.warm_start})
+
+    # Build every method's losses once before anything trains (on an untrained copy of the
+    # teacher): a bad loss option or a K the distillation set cannot supply fails in seconds,
+    # not after the teacher and the methods before it. The global RNG is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        scratch_teacher = build_backbone(cfg.teacher.model, modality.teacher_channels, teacher_classes, cfg.seed)
+        for method in cfg.distill.methods:
+            if method != "random":
+                stages_of(method, new_student(method), scratch_teacher)
+        del scratch_teacher
 
     # 1. teacher
     teacher = build_backbone(cfg.teacher.model, modality.teacher_channels, teacher_classes, cfg.seed)
@@ -183,17 +209,9 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     rows = []
     for method in cfg.distill.methods:
         t0 = time.perf_counter()
-        student = build_backbone(cfg.student, modality.student_channels,
-                                  teacher_classes if needs_logits(method) else 0, cfg.seed + 1)
-        shared = {"student": record["student"], "teacher": record["teacher"], "data": record["data"],
-                  "modality": record["modality"], "seed": cfg.seed}
+        student = new_student(method)
         if method != "random":
-            for stage in distill_stages(engine, method, student, teacher, distill_set, views.teacher, views.student,
-                                        cfg.distill.train, weights=cfg.distill.weights,
-                                        loss_options=cfg.distill.loss_options, ce_weight=cfg.distill.ce_weight,
-                                        init_cfg=cfg.distill.init_train, warm_start=cfg.distill.warm_start,
-                                        record={**shared, "distill": record["distill"]["train"],
-                                                "warm_start": cfg.distill.warm_start}):
+            for stage in stages_of(method, student, teacher):
                 engine.run(stage)
         timings[f"distill-{method}"] = time.perf_counter() - t0
         rows.extend(_judge(cfg, engine, method, student, probe_train, finetune_train, probe_test, views, num_classes,
