@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,7 +254,10 @@ class Engine:
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
     def progress(self, iterable, **kwargs):
-        return tqdm(iterable, disable=not self.is_main, dynamic_ncols=True, leave=False, **kwargs)
+        """A progress bar on the main process; redrawn at most every 15 s into a log file."""
+        interval = 0.1 if sys.stderr.isatty() else 15.0
+        return tqdm(iterable, disable=not self.is_main, dynamic_ncols=True, leave=False,
+                    mininterval=interval, **kwargs)
 
     # -------------------------------------------------------------- training
     def fit(self, stage: Stage) -> list[dict[str, float]]:
@@ -293,7 +297,7 @@ class Engine:
                 for key, value in terms.items():
                     sums[key] = sums.get(key, 0.0) + float(value.detach())
                 count += 1
-                bar.set_postfix(loss=f"{sums['loss'] / count:.4f}")
+                bar.set_postfix(loss=f"{sums['loss'] / count:.4f}", refresh=False)
             scheduler.step()
             record = {k: v / max(count, 1) for k, v in sums.items()}
             record.update(epoch=epoch + 1, seconds=time.perf_counter() - began, lr=optimizer.param_groups[0]["lr"])
