@@ -1,8 +1,10 @@
 """Bad input, tried for real; the table in docs/reliability.md is written by this test.
 
-Every case runs the command line against an output folder that already holds a finished run,
-and checks three things: the exit status is 2 (a user error, not a crash), the message is one
-line that names the problem, and every file of the earlier run is byte-for-byte unchanged.
+Every case runs the command line against an output folder that already holds a finished run
+(of the Lab recipe), and checks three things: the exit status is 2 (a user error, not a crash),
+the message is one line that names the problem, and every file of the earlier run is
+byte-for-byte unchanged. Lab-recipe cases start from the tiny settings below; NYU-Depth-V2 and
+ensemble cases run their own recipe, on files written in the official layouts.
 """
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ from typing import Callable
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from xmodal.cli import main
@@ -32,12 +33,22 @@ TINY = [
 ]
 
 
+LAB = "lab-color-transfer"
+SMALL_BATCHES = ["distill.train.batch_size=2", "segmentation.train.batch_size=2"]
+NYU_TINY = ["data.options.size=[32,48]", "distill.train.epochs=1", "segmentation.train.epochs=1", "data.num_workers=0"]
+ENSEMBLE_TINY = [
+    "data.train.subset=40", "data.test.subset=20", "data.num_workers=0", "teachers.model.options={width: 4}",
+    "teachers.train.epochs=1", "student.options={width: 4}", "distill.train.epochs=1", "distill.crd.nce_k=8",
+]
+
+
 @dataclass
 class Case:
     name: str
     args: Callable[[Path], list[str]]  # data folder -> command-line arguments after the recipe
     expect: str  # a fragment the message must contain
     base: Callable[[Path], list[str]] = lambda d: []  # settings of the earlier, finished run too
+    recipe: str = LAB  # another recipe runs with only its own arguments, into the Lab run's folder
 
 
 def _image_folder(root: Path, corrupt: bool = False) -> Path:
@@ -53,9 +64,44 @@ def _image_folder(root: Path, corrupt: bool = False) -> Path:
     return root
 
 
-def _checkpoint(path: Path, arch: str, width: int) -> Path:
-    save_backbone(path, build_model(arch, in_channels=1, num_classes=10, width=width))
+def _checkpoint(path: Path, arch: str, width: int, in_channels: int = 1, num_classes: int = 10) -> Path:
+    save_backbone(path, build_model(arch, in_channels=in_channels, num_classes=num_classes, width=width))
     return path
+
+
+def _nyu_files(root: Path, formats) -> None:
+    """Broken NYU-Depth-V2 inputs: labeled .mat files (MATLAB layout) and converted frame folders."""
+    images, depths, labels = formats.nyu_frames()
+    good = root / "nyu-good"
+    formats.write_splits(good, [1, 3], [2])
+    formats.write_mappings(good)
+    formats.write_nyu_mat(good / "nyu_depth_v2_labeled.mat", images, depths, labels)
+    nodepth = root / "nyu-nodepth"
+    shutil.copytree(good, nodepth)
+    formats.write_nyu_mat(nodepth / "nyu_depth_v2_labeled.mat", images, depths, labels, skip=("depths",))
+    truncated = root / "nyu-truncated"
+    shutil.copytree(good, truncated)
+    whole = (good / "nyu_depth_v2_labeled.mat").read_bytes()
+    (truncated / "nyu_depth_v2_labeled.mat").write_bytes(whole[: len(whole) // 2])
+    badmap = root / "nyu-badmap"
+    shutil.copytree(good, badmap)
+    formats.write_mappings(badmap, length40=100)
+    for name, depth_hw, label in (("nyu-sizes", (30, 40), 3), ("nyu-labels", (32, 40), 14)):
+        for kind in ("rgb", "depth", "label13"):
+            (root / name / kind).mkdir(parents=True)
+        formats.write_splits(root / name / "meta", [1, 2, 3, 4, 5], [6, 7, 8, 9, 10])
+        for frame in range(1, 11):
+            Image.fromarray(np.full((32, 40, 3), 90, np.uint8)).save(root / name / "rgb" / f"{frame:04d}.png")
+            Image.fromarray(np.full(depth_hw, 2500, np.uint16)).save(root / name / "depth" / f"{frame:04d}.png")
+            Image.fromarray(np.full((32, 40), label, np.uint8)).save(root / name / "label13" / f"{frame:04d}.png")
+
+
+def _nyu(folder: str, *more: str) -> Callable[[Path], list[str]]:
+    return lambda d: [f"data.root={d / folder}", *NYU_TINY, *more]
+
+
+def _ensemble(*more: str) -> Callable[[Path], list[str]]:
+    return lambda d: ["data=imagefolder", f"data.root={d / 'corrupt'}", "data.train.split=test", *ENSEMBLE_TINY, *more]
 
 
 CASES = [
@@ -88,6 +134,32 @@ CASES = [
     Case("a non-finite loss (finetune learning rate 1e30)",
          lambda d: ["protocols=[linear_probe,finetune]", "finetune.optim.lr=1e30", "finetune.batch_size=32"],
          "not finite"),
+    # NYU-Depth-V2 (nyu-rgb2depth recipe)
+    Case("NYU: labeled .mat without `depths`", _nyu("nyu-nodepth/nyu_depth_v2_labeled.mat"), "no dataset 'depths'",
+         recipe="nyu-rgb2depth"),
+    Case("NYU: truncated HDF5 file", _nyu("nyu-truncated/nyu_depth_v2_labeled.mat"), "truncated or corrupt",
+         recipe="nyu-rgb2depth"),
+    Case("NYU: 40-class mapping of the wrong length", _nyu("nyu-badmap/nyu_depth_v2_labeled.mat"), "classMapping40",
+         recipe="nyu-rgb2depth"),
+    Case("NYU: RGB and depth of different sizes", _nyu("nyu-sizes", *SMALL_BATCHES), "but",
+         recipe="nyu-rgb2depth"),
+    Case("NYU: label outside the 13 classes", _nyu("nyu-labels", *SMALL_BATCHES), "outside the class set",
+         recipe="nyu-rgb2depth"),
+    Case("NYU: data root that does not exist", _nyu("nyu-missing"), "does not exist", recipe="nyu-rgb2depth"),
+    # Ensembles (ensemble-cifar recipe, on the 2-class JPEG folder)
+    Case("ensemble: empty teacher list", _ensemble("teachers.count=0"), "the pool is empty", recipe="ensemble-cifar"),
+    Case("ensemble: teacher whose class count differs from the data's",
+         lambda d: _ensemble("teachers.count=1", "distill.n_teachers=[1]",
+                             f"teachers.members=[{{checkpoint: {_checkpoint(d / 't10.pt', 'resnet8', 4, 3, 10)}}}]")(d),
+         "10 classes", recipe="ensemble-cifar"),
+    Case("ensemble: the same teacher checkpoint twice",
+         lambda d: _ensemble("teachers.count=2", "distill.n_teachers=[1,2]",
+                             f"teachers.members=[{{checkpoint: {_checkpoint(d / 't2.pt', 'resnet8', 4, 3, 2)}}}, "
+                             f"{{checkpoint: {d / 't2.pt'}}}]")(d),
+         "same", recipe="ensemble-cifar"),
+    Case("ensemble: critic weights that do not match the pool",
+         _ensemble("teachers.count=2", "distill.n_teachers=[1,2]", "distill.teacher_weights=[1.0]"),
+         "teacher_weights has 1 entries for a pool of 2", recipe="ensemble-cifar"),
 ]
 
 
@@ -97,11 +169,12 @@ def _snapshot(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
+def data(tmp_path_factory, formats) -> Path:
     root = tmp_path_factory.mktemp("data")
     (root / "empty" / "train").mkdir(parents=True)
     _image_folder(root / "corrupt", corrupt=True)
     (root / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    _nyu_files(root, formats)
     return root
 
 
@@ -119,8 +192,9 @@ def test_bad_inputs_fail_cleanly_and_lose_nothing(tmp_path, data):
         shutil.copytree(earlier[tuple(base)], out)
         before = _snapshot(out)
         stderr = io.StringIO()
+        settings = [*TINY, *base] if case.recipe == LAB else []
         with redirect_stderr(stderr):
-            code = main(["run", "lab-color-transfer", f"output_dir={out}", *TINY, *base, *case.args(data)])
+            code = main(["run", case.recipe, f"output_dir={out}", *settings, *case.args(data)])
         # Progress bars share stderr; the error itself must be one line, and the last.
         lines = [line for line in stderr.getvalue().replace("\r", "\n").splitlines() if line.strip()]
         errors = [line for line in lines if line.startswith("xmodal: error:")]
@@ -131,15 +205,17 @@ def test_bad_inputs_fail_cleanly_and_lose_nothing(tmp_path, data):
         if not ok:
             failures.append(f"{case.name}: exit {code}, intact={intact}, message={message!r}")
         shown = message.replace(str(tmp_path), "<tmp>").replace(str(data), "<data>").replace("|", "\\|")
-        rows.append(f"| {case.name} | `{shown}` | {code} | {'yes' if intact else 'NO'} |")
+        rows.append(f"| {case.name} | `{case.recipe}` | `{shown}` | {code} | {'yes' if intact else 'NO'} |")
     DOC.parent.mkdir(exist_ok=True)
     DOC.write_text(
         "# Bad input: what xmodal says\n\n"
         "Generated by `tests/xmodal/test_reliability.py` (run the test suite to refresh it). Each row ran\n"
-        "`xmodal run lab-color-transfer output_dir=<a folder holding a finished run> <tiny settings> <the bad\n"
-        "input>`; \"earlier output intact\" means every file of that finished run was byte-for-byte unchanged\n"
-        "afterwards. Exit code 2 is xmodal's code for a user error (a crash would be 1).\n\n"
-        "| bad input | message (stderr, one line) | exit code | earlier output intact |\n"
-        "|---|---|---|---|\n" + "\n".join(rows) + "\n"
+        "`xmodal run <recipe> output_dir=<a folder holding a finished run> <tiny settings> <the bad input>`;\n"
+        "\"earlier output intact\" means every file of that finished run was byte-for-byte unchanged\n"
+        "afterwards. Exit code 2 is xmodal's code for a user error (a crash would be 1). NYU-Depth-V2\n"
+        "inputs are small files written in the official layouts (MATLAB v7.3 labeled .mat with\n"
+        "`splits.mat` and the class mappings beside it; rgb/ depth/ label13/ frame folders).\n\n"
+        "| bad input | recipe | message (stderr, one line) | exit code | earlier output intact |\n"
+        "|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
     )
     assert not failures, "\n".join(failures)
