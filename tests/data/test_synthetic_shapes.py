@@ -100,3 +100,21 @@ def test_luminance_and_chroma_both_show_the_object_outline(lab_train):
     on_outline = mask_edges > 0.1
     assert l_edges[on_outline].mean() > 3 * l_edges[~on_outline].mean()
     assert ab_edges[on_outline].mean() > 3 * ab_edges[~on_outline].mean()
+
+
+def _disc_centroids(jitter):
+    batch = generate_shapes.__wrapped__(400, 3, 32, jitter)
+    masks = batch.masks[batch.labels == CLASSES.index("disc")]  # symmetric: centroid = centre
+    axis = torch.arange(32, dtype=torch.float32) + 0.5
+    weight = masks.sum((1, 2))
+    return torch.stack([(masks.sum(1) * axis).sum(1) / weight, (masks.sum(2) * axis).sum(1) / weight], 1)
+
+
+def test_jitter_bounds_the_object_position():
+    near = (_disc_centroids(0.06) - 16).abs()
+    anywhere = (_disc_centroids(None) - 16).abs()
+    assert float(near.max()) <= 0.06 * 32 + 0.05  # +-1.92 px (the soft edge is symmetric)
+    assert float(anywhere.max()) > 4.0  # the objects' room at radius 8-12 px: up to +-8 px
+    assert SyntheticShapes("train", num_samples=20).images.shape == (20, 3, 32, 32)
+    with pytest.raises(DataError, match=r"jitter must be in \[0, 0.5\].*got 0.7"):
+        SyntheticShapes("train", num_samples=20, jitter=0.7)
