@@ -1,16 +1,12 @@
 """Two gloo processes: every critic's banks identical on both ranks, and equal to one process."""
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from gloo_ranks import run_on_ranks
 from ensemble import EnsembleDistillLoss, EnsembleDistiller
 from losses.features import Features
 
@@ -66,28 +62,9 @@ def _train(rank: int, world: int) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.save(_train(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_hold_identical_banks_in_every_critic(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    rank0 = torch.load(tmp_path / "rank0.pt")
-    rank1 = torch.load(tmp_path / "rank1.pt")
+    rank0, rank1 = run_on_ranks(_train, 2, tmp_path)
     bank_keys = [k for k in rank0 if ".memory." in k or k.endswith("sampler_state")]
     assert len(bank_keys) == 4 * len(TEACHER_DIMS)  # two banks, log Z and the sampler per critic
     for key in bank_keys:

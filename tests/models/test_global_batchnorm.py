@@ -7,15 +7,11 @@ variance 0.01), so the test fails on that formulation.
 """
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+from gloo_ranks import run_on_ranks
 from xmodal.models.batchnorm import GlobalBatchNorm, convert_batchnorm
 
 BATCH, CHANNELS = 8, 3
@@ -47,28 +43,14 @@ def _run(bn: nn.Module, rows: slice) -> dict[str, torch.Tensor]:
             "running_mean": bn.running_mean.clone(), "running_var": bn.running_var.clone()}
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        share = BATCH // world
-        torch.save(_run(_bn(GlobalBatchNorm), slice(rank * share, (rank + 1) * share)),
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rank_result(rank: int, world: int) -> dict[str, torch.Tensor]:
+    share = BATCH // world
+    return _run(_bn(GlobalBatchNorm), slice(rank * share, (rank + 1) * share))
 
 
 @pytest.mark.slow
 def test_two_processes_match_batchnorm_on_the_whole_batch(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = run_on_ranks(_rank_result, 2, tmp_path)
     whole = _run(_bn(nn.BatchNorm2d), slice(None))
     # Per-sample tensors: each rank holds its half of the batch.
     for key in ("y", "grad_x"):

@@ -3,7 +3,6 @@ those of one process and of a per-pixel count over all images."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import Dataset
 
+from gloo_ranks import free_port
 from xmodal.engine import Engine
 from xmodal.tasks.segmentation import evaluate_segmentation
 
@@ -59,12 +59,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _counted() -> tuple[float, float]:
     """Pixel accuracy and mIoU counted pixel by pixel over all images in one go."""
     data = RandomScenes()
@@ -84,7 +78,7 @@ def _counted() -> tuple[float, float]:
 @pytest.mark.slow
 def test_two_processes_score_like_one(tmp_path):
     # spawn, not fork: a forked worker would inherit this process's Accelerate state (one process).
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     seen = [set(r["seen"]) for r in ranks]
     assert seen[0] and seen[1] and not seen[0] & seen[1] and seen[0] | seen[1] == set(range(IMAGES))

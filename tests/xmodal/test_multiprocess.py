@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,18 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from gloo_ranks import free_port
+
 ARGS = [
     "data.options={num_samples: 64}", "teacher.train.epochs=1", "teacher.train.batch_size=16",
     "distill.methods=[crd,kd]", "distill.train.epochs=2", "distill.train.batch_size=16",
     "distill.loss_options.crd.nce_k=16", "protocols=[linear_probe]", "linear_probe.epochs=3",
     "student.options={width: 4}", "teacher.model.options={width: 4}", "data.num_workers=0", "cpu=true",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:  # torchrun's rendezvous does not accept port 0
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(prefix: list[str], out: Path) -> None:
@@ -40,7 +35,7 @@ def _run(prefix: list[str], out: Path) -> None:
 
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     _run(torchrun, tmp_path / "two")
     _run([sys.executable], tmp_path / "one")
     compared = set()
