@@ -69,8 +69,14 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, bool) and raw.strip().lower() in _YAML11_WORDS:
+            value = raw.strip()  # mixed_precision=no means "no", not False; bool keys accept the word
         out.append((key.strip(), value))
     return out
+
+
+# Words YAML 1.1 turns into booleans besides true/false.
+_YAML11_WORDS = {"yes": True, "no": False, "on": True, "off": False, "y": True, "n": False}
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -138,6 +144,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in _YAML11_WORDS:
+            return _YAML11_WORDS[value.lower()]
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -153,7 +161,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{key} must be a string, got {value!r}")
+        hint = " (YAML reads a bare no/off/yes/on as a boolean: quote it, e.g. \"no\")" if isinstance(value, bool) else ""
+        raise ConfigError(f"{key} must be a string, got {value!r}{hint}")
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key + ".")
     raise ConfigError(f"{key}: unsupported type {tp}")

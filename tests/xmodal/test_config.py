@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from xmodal.config import parse_overrides, read_recipe, resolve
 from xmodal.errors import ConfigError
@@ -78,3 +79,16 @@ def test_recipe_file_by_path(tmp_path):
     bad.write_text("task: transfer\ndistill: [oops\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         resolve(str(bad), [], SCHEMAS)
+
+
+def test_yaml_11_words_mean_what_the_key_expects(tmp_path):
+    # YAML 1.1 reads a bare no/off/yes/on as a boolean; on the command line the key decides.
+    cfg = resolve("lab-color-transfer", ["mixed_precision=no", "quick=yes", "cpu=off"], SCHEMAS)
+    assert cfg.mixed_precision == "no" and cfg.quick is True and cfg.cpu is False
+    assert resolve("lab-color-transfer", ["quick=true"], SCHEMAS).quick is True
+    recipe = read_recipe("lab-color-transfer")
+    recipe["mixed_precision"] = False  # what an unquoted `mixed_precision: no` in a file becomes
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError, match=r"mixed_precision must be a string, got False \(YAML reads a bare no"):
+        resolve(str(path), [], SCHEMAS)
