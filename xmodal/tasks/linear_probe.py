@@ -7,6 +7,7 @@ epoch is then a few small matrix products instead of a pass through the network.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +29,16 @@ class ProbeConfig:
     weight_decay: float = 5e-4
 
 
-def train_linear(train_x: Tensor, train_y: Tensor, num_classes: int, cfg: ProbeConfig, seed: int = 0) -> nn.Linear:
+def train_linear(train_x: Tensor, train_y: Tensor, num_classes: int, cfg: ProbeConfig, seed: int = 0,
+                 batch_features: Optional[Callable[[Tensor], Tensor]] = None) -> nn.Linear:
     """SGD with a cosine schedule on ``(train_x, train_y)``; deterministic for a given seed.
 
     Args:
         train_x: ``(N, D)`` standardised features.
         train_y: ``(N,)`` labels in ``[0, num_classes)``.
+        batch_features: ``rows -> (len(rows), D)`` features of those rows, used instead of
+            ``train_x[rows]`` (``benchmarks/linear_probe.py`` recomputes them with the encoder to
+            time the uncached probe on exactly this loop).
     """
     g = torch.Generator().manual_seed(seed)
     probe = nn.Linear(train_x.shape[1], num_classes)
@@ -44,10 +49,11 @@ def train_linear(train_x: Tensor, train_y: Tensor, num_classes: int, cfg: ProbeC
     opt = torch.optim.SGD(probe.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, -(-len(train_x) // cfg.batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    features = batch_features or train_x.__getitem__
     for _ in range(cfg.epochs):
         order = torch.randperm(len(train_x), generator=g)
         for rows in order.split(cfg.batch_size):
-            loss = F.cross_entropy(probe(train_x[rows]), train_y[rows])
+            loss = F.cross_entropy(probe(features(rows)), train_y[rows])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
