@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
 
 def free_port() -> int:
@@ -35,3 +36,21 @@ def run_on_ranks(fn: Callable[[int, int], Any], world: int, out_dir: Path) -> li
     """
     mp.spawn(_rank_main, args=(world, free_port(), str(out_dir), fn), nprocs=world, join=True)
     return [torch.load(Path(out_dir) / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+
+
+def sgd_on_my_share(model: torch.nn.Module, batches, rank: int, world: int,
+                    loss_of: Callable[[torch.nn.Module, Any, slice], torch.Tensor], lr: float = 0.5) -> dict:
+    """Train ``model`` (DDP-wrapped when ``world > 1``) with SGD on this rank's rows of each batch.
+
+    ``loss_of(wrapped, batch, rows)`` gives the loss of ``rows`` (this rank's share of the global
+    batch, ``len(batch[0]) // world`` rows). Returns a copy of the final state dict.
+    """
+    wrapped = DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.SGD(wrapped.parameters(), lr=lr)
+    for batch in batches:
+        share = len(batch[0]) // world
+        loss = loss_of(wrapped, batch, slice(rank * share, (rank + 1) * share))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.clone() for k, v in model.state_dict().items()}

@@ -4,9 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from gloo_ranks import run_on_ranks
+from gloo_ranks import run_on_ranks, sgd_on_my_share
 from ensemble import EnsembleDistillLoss, EnsembleDistiller
 from losses.features import Features
 
@@ -47,19 +46,14 @@ def _batches():
     return out
 
 
+def _loss(wrapped: nn.Module, batch, rows: slice) -> torch.Tensor:
+    x, teachers, index = batch
+    mine = [Features([], t.pooled[rows], t.logits[rows]) for t in teachers]
+    return wrapped(x[rows], mine, index[rows], LABELS[index[rows]])["loss"]
+
+
 def _train(rank: int, world: int) -> dict[str, torch.Tensor]:
-    model = _model()
-    wrapped = DistributedDataParallel(model) if world > 1 else model
-    opt = torch.optim.SGD(wrapped.parameters(), lr=0.5)
-    share = GLOBAL_BATCH // world
-    for x, teachers, index in _batches():
-        rows = slice(rank * share, (rank + 1) * share)
-        mine = [Features([], t.pooled[rows], t.logits[rows]) for t in teachers]
-        terms = wrapped(x[rows], mine, index[rows], LABELS[index[rows]])
-        opt.zero_grad()
-        terms["loss"].backward()
-        opt.step()
-    return {k: v.clone() for k, v in model.state_dict().items()}
+    return sgd_on_my_share(_model(), _batches(), rank, world, _loss)
 
 
 @pytest.mark.slow

@@ -4,9 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from gloo_ranks import run_on_ranks
+from gloo_ranks import run_on_ranks, sgd_on_my_share
 from losses.crd import CRDLoss
 
 N, K, GLOBAL_BATCH, STEPS = 64, 20, 8, 5
@@ -37,17 +36,8 @@ def _batches():
 
 
 def _train(rank: int, world: int) -> dict[str, torch.Tensor]:
-    model = Student()
-    wrapped = DistributedDataParallel(model) if world > 1 else model
-    opt = torch.optim.SGD(wrapped.parameters(), lr=0.5)
-    share = GLOBAL_BATCH // world
-    for x, f_t, index in _batches():
-        rows = slice(rank * share, (rank + 1) * share)
-        loss = wrapped(x[rows], f_t[rows], index[rows])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return {k: v.clone() for k, v in model.state_dict().items()}
+    return sgd_on_my_share(Student(), _batches(), rank, world,
+                           lambda wrapped, b, rows: wrapped(b[0][rows], b[1][rows], b[2][rows]))
 
 
 @pytest.mark.slow
