@@ -84,6 +84,26 @@ class SplitConfig:
 
 
 @dataclass
+class DataConfig:
+    """A dataset by name: where it is, its constructor options, and the DataLoader workers.
+
+    ``num_workers``: ``None`` picks 0 for the in-memory built-in set, up to 4 for files.
+    """
+
+    name: str = "synthetic"
+    root: Optional[str] = None
+    options: dict[str, Any] = field(default_factory=dict)
+    num_workers: Optional[int] = None
+
+
+@dataclass
+class ImageDataConfig(DataConfig):
+    """An image-classification / colour dataset; ``augment`` is the training augmentation."""
+
+    augment: str = "crop"
+
+
+@dataclass
 class ModalityConfig:
     """The modality adapter and the views teacher and student see."""
 

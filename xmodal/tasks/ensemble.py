@@ -27,16 +27,15 @@ from torch.utils.data import Dataset
 from ensemble import EnsembleDistiller, EnsembleDistillLoss
 from losses.features import Features
 from xmodal.config import to_dict
-from xmodal.data import build_dataset
 from xmodal.engine import Engine, Stage
 from xmodal.errors import ConfigError
 from xmodal.modalities import Modality, build_modality
-from xmodal.schema import ModalityConfig, ModelConfig, RunConfig, SplitConfig, TrainConfig
+from xmodal.schema import ImageDataConfig, ModalityConfig, ModelConfig, RunConfig, SplitConfig, TrainConfig
 from xmodal.tasks.ensemble_pool import Member, PoolSection, build_pool, check_checkpoints, data_order, ensemble_top1, \
     resolve_pool, view_fn
 from xmodal.tasks.ensemble_report import plot_error_vs_teachers
 from xmodal.tasks.evaluation import classify_top1, top1
-from xmodal.tasks.subset import class_balanced_subset
+from xmodal.tasks.subset import open_split
 from xmodal.tasks.supervised import build_backbone
 
 #: Loss weights of each method: γ on CE, α on KD from the averaged ensemble, β on every critic.
@@ -50,16 +49,11 @@ TERMS = ("ce", "kd", "crd")
 
 
 @dataclass
-class EnsembleData:
+class EnsembleData(ImageDataConfig):
     """The labeled dataset: ``train`` teaches teachers and students, ``test`` judges them."""
 
-    name: str = "synthetic"
-    root: Optional[str] = None
-    options: dict[str, Any] = field(default_factory=dict)
-    augment: str = "crop"
     train: SplitConfig = field(default_factory=lambda: SplitConfig("train"))
     test: SplitConfig = field(default_factory=lambda: SplitConfig("test"))
-    num_workers: int = 2
 
 
 @dataclass
@@ -110,15 +104,6 @@ def method_terms(distill: EnsembleDistillSection, method: str) -> dict[str, floa
 
 
 # ----------------------------------------------------------------- datasets
-def _dataset(cfg: EnsembleConfig, part: SplitConfig, augment: bool) -> Dataset:
-    options = {"seed": cfg.seed, **cfg.data.options}
-    dataset = build_dataset(cfg.data.name, cfg.data.root, part.split, augment=cfg.data.augment if augment else None,
-                            labeled=True, **options)
-    if part.subset is not None and part.subset < len(dataset):
-        dataset = class_balanced_subset(dataset, part.subset, cfg.seed)
-    return dataset
-
-
 def _teacher_counts(cfg: EnsembleConfig, pool_size: int) -> list[int]:
     counts = sorted(cfg.distill.n_teachers)
     if counts[-1] > pool_size:
@@ -234,8 +219,8 @@ def run_ensemble(cfg: EnsembleConfig, engine: Engine) -> dict[str, Any]:
     members = resolve_pool(cfg.teachers, modality)
     counts = _teacher_counts(cfg, len(members))
     weights = _teacher_weights(cfg, len(members))
-    train_set = _dataset(cfg, cfg.data.train, augment=True)
-    test_set = _dataset(cfg, cfg.data.test, augment=False)
+    train_set = open_split(cfg.data, cfg.data.train, cfg.seed, augment=True, labeled=True)
+    test_set = open_split(cfg.data, cfg.data.test, cfg.seed, augment=False, labeled=True)
     if not getattr(train_set, "classes", None):
         raise ConfigError(f"dataset {cfg.data.name!r} split {cfg.data.train.split!r} has no classes: ensembles need labels")
     num_classes = len(train_set.classes)

@@ -29,7 +29,7 @@ from xmodal.engine import Engine
 from xmodal.errors import ConfigError, DataError
 from xmodal.modalities import build_modality
 from xmodal.models import build_model, load_weights_into
-from xmodal.schema import ModalityConfig, ModelConfig, RunConfig, SplitConfig, TrainConfig
+from xmodal.schema import DataConfig, ModalityConfig, ModelConfig, RunConfig, SplitConfig, TrainConfig
 from xmodal.tasks.distill import distill_stages, needs_logits, resolve_method
 from xmodal.tasks.seg_pictures import save_legend, save_pictures
 from xmodal.tasks.segmentation import (
@@ -46,14 +46,12 @@ TEACHER_RGB_NORM = {"efficientnet_lite0": "lite0"}
 
 
 @dataclass
-class RGBDDataSection:
-    """The NYU-Depth-V2 data: ``root`` is the labeled ``.mat`` file or a frame folder."""
+class RGBDDataSection(DataConfig):
+    """The NYU-Depth-V2 data: ``root`` is the labeled ``.mat`` file or a frame folder;
+    ``options``: size, scale, num_classes, meta_dir."""
 
     name: str = "nyu"
-    root: Optional[str] = None
-    options: dict[str, Any] = field(default_factory=dict)  # size, scale, num_classes, meta_dir
     distill: SplitConfig = field(default_factory=lambda: SplitConfig("all"))
-    num_workers: int = 2
 
 
 @dataclass

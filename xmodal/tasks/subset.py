@@ -1,4 +1,5 @@
-"""A class-balanced subset of any xmodal dataset, with memory-bank rows renumbered."""
+"""One split of a recipe's dataset, as a stage reads it; class-balanced subsets with memory-bank
+rows renumbered."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,7 +8,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from xmodal.data import build_dataset
 from xmodal.data.folder import balanced_subset
+from xmodal.errors import ConfigError
+from xmodal.schema import ImageDataConfig, SplitConfig
 
 
 class SubsetDataset(Dataset):
@@ -55,3 +59,18 @@ def class_balanced_subset(base: Dataset, size: int, seed: int) -> SubsetDataset:
     else:
         keep = balanced_subset(labels, size, seed)
     return SubsetDataset(base, keep)
+
+
+def open_split(data: ImageDataConfig, part: SplitConfig, seed: int, *, augment: bool, labeled: bool) -> Dataset:
+    """Split ``part.split`` of ``data`` with the training augmentation when ``augment``, labels
+    when ``labeled``, cut to a class-balanced ``part.subset`` (seeded) when one is set."""
+    options = dict(data.options)
+    for key in ("augment", "labeled"):  # each stage decides these itself
+        if key in options:
+            raise ConfigError(f"data.options.{key} is set by each stage of the recipe; remove it (see data.augment)")
+    options.setdefault("seed", seed)
+    dataset = build_dataset(data.name, data.root, part.split, augment=data.augment if augment else None,
+                            labeled=labeled, **options)
+    if part.subset is not None and part.subset < len(dataset):
+        dataset = class_balanced_subset(dataset, part.subset, seed)
+    return dataset

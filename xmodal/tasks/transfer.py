@@ -21,34 +21,28 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from xmodal.config import to_dict
-from xmodal.data import build_dataset
 from xmodal.engine import Engine
 from xmodal.errors import ConfigError
 from xmodal.modalities import Modality, build_modality
 from xmodal.models.checkpoint import load_weights_into, read_checkpoint
-from xmodal.schema import ModalityConfig, ModelConfig, OptimConfig, RunConfig, SplitConfig, TrainConfig
+from xmodal.schema import ImageDataConfig, ModalityConfig, ModelConfig, OptimConfig, RunConfig, SplitConfig, TrainConfig
 from xmodal.tasks.distill import distill_stages, needs_logits
 from xmodal.tasks.evaluation import classify_top1
 from xmodal.tasks.linear_probe import ProbeConfig, linear_probe
-from xmodal.tasks.subset import class_balanced_subset
+from xmodal.tasks.subset import open_split
 from xmodal.tasks.supervised import build_backbone, supervised_stage
 
 PROTOCOLS = ("linear_probe", "finetune")
 
 
 @dataclass
-class DataSection:
+class DataSection(ImageDataConfig):
     """The dataset and which split (and subset size) each stage reads."""
 
-    name: str = "synthetic"
-    root: Optional[str] = None
-    options: dict[str, Any] = field(default_factory=dict)
-    augment: str = "crop"
     teacher: SplitConfig = field(default_factory=lambda: SplitConfig("train"))
     distill: SplitConfig = field(default_factory=lambda: SplitConfig("unlabeled"))
     probe_train: SplitConfig = field(default_factory=lambda: SplitConfig("train"))
     probe_test: SplitConfig = field(default_factory=lambda: SplitConfig("test"))
-    num_workers: Optional[int] = None  # None: 0 for the in-memory synthetic set, else up to 4
 
 
 @dataclass
@@ -94,19 +88,6 @@ class TransferConfig(RunConfig):
 
 
 # ----------------------------------------------------------------- datasets
-def _dataset(cfg: TransferConfig, part: SplitConfig, augment: bool, labeled: bool) -> Dataset:
-    options = dict(cfg.data.options)
-    for key in ("augment", "labeled"):  # each stage decides these itself
-        if key in options:
-            raise ConfigError(f"data.options.{key} is set by each stage of the recipe; remove it (see data.augment)")
-    options.setdefault("seed", cfg.seed)
-    dataset = build_dataset(cfg.data.name, cfg.data.root, part.split, augment=cfg.data.augment if augment else None,
-                            labeled=labeled, **options)
-    if part.subset is not None and part.subset < len(dataset):
-        dataset = class_balanced_subset(dataset, part.subset, cfg.seed)
-    return dataset
-
-
 def _num_classes(dataset: Dataset, role: str, part: SplitConfig) -> int:
     """Classes of a split that trains with labels; every sample must carry one."""
     classes = getattr(dataset, "classes", None)
@@ -153,11 +134,11 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     modality = build_modality(cfg.modality.name, teacher_view=cfg.modality.teacher_view,
                               student_view=cfg.modality.student_view, **cfg.modality.options)
     views = _Views(modality)
-    teacher_train = _dataset(cfg, cfg.data.teacher, augment=True, labeled=True)
-    probe_train = _dataset(cfg, cfg.data.probe_train, augment=False, labeled=True)
-    finetune_train = _dataset(cfg, cfg.data.probe_train, augment=True, labeled=True)
-    probe_test = _dataset(cfg, cfg.data.probe_test, augment=False, labeled=True)
-    distill_set = _dataset(cfg, cfg.data.distill, augment=True, labeled=cfg.distill.ce_weight > 0)
+    teacher_train = open_split(cfg.data, cfg.data.teacher, cfg.seed, augment=True, labeled=True)
+    probe_train = open_split(cfg.data, cfg.data.probe_train, cfg.seed, augment=False, labeled=True)
+    finetune_train = open_split(cfg.data, cfg.data.probe_train, cfg.seed, augment=True, labeled=True)
+    probe_test = open_split(cfg.data, cfg.data.probe_test, cfg.seed, augment=False, labeled=True)
+    distill_set = open_split(cfg.data, cfg.data.distill, cfg.seed, augment=True, labeled=cfg.distill.ce_weight > 0)
     num_classes = _num_classes(probe_train, "probe_train", cfg.data.probe_train)
     if cfg.teacher.checkpoint:  # its classifier decides; load_weights_into checks the rest
         teacher_classes = int(read_checkpoint(cfg.teacher.checkpoint, role="teacher")["num_classes"])
