@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from importlib import resources
@@ -22,6 +23,34 @@ from xmodal.errors import ConfigError
 RECIPE_SUFFIX = ".yaml"
 
 
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 scalars, for recipes and ``key=value`` overrides.
+
+    PyYAML follows YAML 1.1, where a bare ``no``/``off``/``yes``/``on`` is a boolean (so
+    ``mixed_precision: no`` would read as False) and ``1e-4`` is a string (no dot). Here only
+    ``true``/``false`` are booleans and ``1e-4`` is a number.
+    """
+
+
+_BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_BOOL, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+YamlLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+YamlLoader.add_implicit_resolver(_FLOAT, re.compile(r"""^(?:
+    [-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+  | [-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+  | [-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+  | [-+]?\.(?:inf|Inf|INF)
+  | \.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """``text`` parsed with :class:`YamlLoader`."""
+    return yaml.load(text, Loader=YamlLoader)
+
+
 # ----------------------------------------------------------------- recipe files
 def recipe_dir() -> Path:
     """The folder holding the built-in recipes (the top-level ``recipes`` package)."""
@@ -32,7 +61,7 @@ def available_recipes() -> dict[str, str]:
     """Built-in recipe names and their one-line descriptions."""
     out = {}
     for path in sorted(recipe_dir().glob(f"*{RECIPE_SUFFIX}")):
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
         out[path.stem] = str(data.get("description", "")).strip().splitlines()[0] if data.get("description") else ""
     return out
 
@@ -48,7 +77,7 @@ def read_recipe(name_or_path: str) -> dict[str, Any]:
             hint = f"; did you mean {near[0]!r}?" if near else ""
             raise ConfigError(f"unknown recipe {name_or_path!r}{hint} Available: {', '.join(names)}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -66,17 +95,11 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = load_yaml(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
-        if isinstance(value, bool) and raw.strip().lower() in _YAML11_WORDS:
-            value = raw.strip()  # mixed_precision=no means "no", not False; bool keys accept the word
         out.append((key.strip(), value))
     return out
-
-
-# Words YAML 1.1 turns into booleans besides true/false.
-_YAML11_WORDS = {"yes": True, "no": False, "on": True, "off": False, "y": True, "n": False}
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -144,8 +167,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in _YAML11_WORDS:
-            return _YAML11_WORDS[value.lower()]
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -154,15 +175,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        try:  # YAML 1.1 reads "1e-4" (no dot, no exponent sign) as a string
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+        raise ConfigError(f"{key} must be a number, got {value!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        hint = " (YAML reads a bare no/off/yes/on as a boolean: quote it, e.g. \"no\")" if isinstance(value, bool) else ""
-        raise ConfigError(f"{key} must be a string, got {value!r}{hint}")
+        raise ConfigError(f"{key} must be a string, got {value!r}")
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key + ".")
     raise ConfigError(f"{key}: unsupported type {tp}")
@@ -219,7 +236,7 @@ def resolve(recipe: str, overrides: list[str], schemas: dict[str, type]) -> Any:
         if key == "quick":
             data["quick"] = value
     quick_block = data.pop("quick_overrides", {}) or {}
-    if data.get("quick"):
+    if _coerce(data.get("quick", False), bool, "quick"):
         for key, value in quick_block.items():
             set_dotted(data, key, value)
     for key, value in parsed:

@@ -81,14 +81,25 @@ def test_recipe_file_by_path(tmp_path):
         resolve(str(bad), [], SCHEMAS)
 
 
-def test_yaml_11_words_mean_what_the_key_expects(tmp_path):
-    # YAML 1.1 reads a bare no/off/yes/on as a boolean; on the command line the key decides.
-    cfg = resolve("lab-color-transfer", ["mixed_precision=no", "quick=yes", "cpu=off"], SCHEMAS)
-    assert cfg.mixed_precision == "no" and cfg.quick is True and cfg.cpu is False
+def test_yaml_12_scalars_in_overrides_and_recipe_files(tmp_path):
+    # PyYAML's YAML 1.1 would read a bare `no` as False and `1e-4` as a string.
+    cfg = resolve("lab-color-transfer", ["mixed_precision=no", "linear_probe.lr=1e-4", "finetune.optim.lr=2E-3"],
+                  SCHEMAS)
+    assert cfg.mixed_precision == "no" and cfg.linear_probe.lr == 1e-4 and cfg.finetune.optim.lr == 2e-3
     assert resolve("lab-color-transfer", ["quick=true"], SCHEMAS).quick is True
-    recipe = read_recipe("lab-color-transfer")
-    recipe["mixed_precision"] = False  # what an unquoted `mixed_precision: no` in a file becomes
+    # Only true/false are booleans: a word is refused where a boolean is expected, and quick=no
+    # never switches the quick block on.
+    with pytest.raises(ConfigError, match="quick must be true or false, got 'no'"):
+        resolve("lab-color-transfer", ["quick=no"], SCHEMAS)
+    with pytest.raises(ConfigError, match="cpu must be true or false, got 'off'"):
+        resolve("lab-color-transfer", ["cpu=off"], SCHEMAS)
+    with pytest.raises(ConfigError, match="linear_probe.lr must be a number, got True"):
+        resolve("lab-color-transfer", ["linear_probe.lr=true"], SCHEMAS)
+    text = yaml.safe_dump(read_recipe("lab-color-transfer")).replace("mixed_precision: 'no'", "mixed_precision: no")
+    assert "mixed_precision: no\n" in text
     path = tmp_path / "mine.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    with pytest.raises(ConfigError, match=r"mixed_precision must be a string, got False \(YAML reads a bare no"):
+    path.write_text(text + "quick: no\n")
+    with pytest.raises(ConfigError, match="quick must be true or false, got 'no'"):
         resolve(str(path), [], SCHEMAS)
+    path.write_text(text)
+    assert resolve(str(path), [], SCHEMAS).mixed_precision == "no"
