@@ -82,3 +82,17 @@ def test_convert_keeps_parameters_and_buffers():
     assert before.keys() == after.keys()
     for key, value in before.items():
         assert torch.equal(after[key], value), key
+
+
+def test_convert_takes_over_the_tensors_themselves():
+    bn = nn.BatchNorm2d(4).double()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3).double(), bn)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # built before the conversion
+    weight, running_var = bn.weight, bn.running_var
+    convert_batchnorm(model, "cpu")
+    assert model[1].weight is weight and model[1].running_var is running_var
+    assert model[1].weight.dtype == torch.float64
+    model(torch.randn(2, 3, 5, 5, dtype=torch.float64)).square().sum().backward()
+    before = weight.detach().clone()
+    optimizer.step()
+    assert not torch.equal(model[1].weight.detach(), before)  # the optimizer still reaches it

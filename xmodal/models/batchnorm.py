@@ -78,9 +78,13 @@ def convert_batchnorm(module: nn.Module, device_type: str) -> nn.Module:
         if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
             replacement = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
                                           child.track_running_stats)
-            replacement.load_state_dict(child.state_dict())
+            # Take over the very tensors (as SyncBatchNorm's converter does): same device, dtype
+            # and identity, so an optimizer built on the old parameters still updates them.
+            for key, param in child.named_parameters(recurse=False):
+                setattr(replacement, key, param)
+            for key, buffer in child.named_buffers(recurse=False):
+                setattr(replacement, key, buffer)
             replacement.train(child.training)
-            replacement.to(next(child.buffers(), torch.empty(0)).device)
             setattr(module, name, replacement)
         else:
             convert_batchnorm(child, device_type)
