@@ -118,6 +118,11 @@ def build_criteria(terms: Mapping[str, float], student: nn.Module, teacher: nn.M
     return criteria
 
 
+def first_batch(engine: Engine, dataset: Dataset, size: int = 8) -> dict[str, Tensor]:
+    """The first ``size`` samples of ``dataset`` (unshuffled), batched and on the device."""
+    return engine.to_device(next(iter(engine.loader(dataset, min(size, len(dataset)), shuffle=False))))
+
+
 def distill_stages(
     engine: Engine,
     method: str,
@@ -134,15 +139,17 @@ def distill_stages(
     init_cfg: Optional[TrainConfig] = None,
     warm_start: bool = False,
     record: Mapping[str, Any] = (),
+    sample: Optional[Mapping[str, Tensor]] = None,
 ) -> list[Stage]:
     """The stages that distill ``teacher`` into ``student`` with ``method`` (first stage first).
 
     ``record`` is the part of the recipe that defines these stages (their checkpoint key).
+    ``sample``: a batch of ``dataset`` on the device (:func:`first_batch`), from which the losses
+    read the feature shapes; fetched here when not given.
     """
     spec = resolve_method(method, weights, warm_start)
     terms = spec.terms
-    sample = next(iter(engine.loader(dataset, min(8, len(dataset)), shuffle=False)))
-    sample = engine.to_device(sample)
+    sample = first_batch(engine, dataset) if sample is None else sample
     student.to(engine.device), teacher.to(engine.device)
     labels = getattr(dataset, "labels", None)
     criteria = build_criteria(terms, student, teacher, student_view(sample), teacher_view(sample), len(dataset),
@@ -163,7 +170,7 @@ def distill_stages(
         if spec.warm_start and epoch == 0:
             _warm_start_banks(engine, module, teacher_features, student_view, dataset)
 
-    record = {"method": method, "terms": terms, "warm_start": spec.warm_start, **dict(record)}
+    record = {**dict(record), "method": method, "terms": terms, "warm_start": spec.warm_start}
     stages = []
     for name, criterion in criteria.items():
         if criterion.needs_init_stage:

@@ -30,7 +30,7 @@ from xmodal.errors import ConfigError, DataError
 from xmodal.modalities import build_modality
 from xmodal.models import build_model, load_weights_into
 from xmodal.schema import DataConfig, ModalityConfig, ModelConfig, RunConfig, SplitConfig, TrainConfig
-from xmodal.tasks.distill import distill_stages, needs_logits, resolve_method
+from xmodal.tasks.distill import distill_stages, first_batch, needs_logits, resolve_method
 from xmodal.tasks.seg_pictures import save_legend, save_pictures
 from xmodal.tasks.segmentation import (
     SegmentationConfig, evaluate_segmentation, frame_numbers, holdout_split, picture_dir, segmentation_stage,
@@ -214,6 +214,7 @@ def run_rgbd(cfg: RGBDConfig, engine: Engine) -> dict[str, Any]:
     timings: dict[str, float] = {}
     rows: list[dict[str, Any]] = []
     per_class: dict[str, dict[str, Optional[float]]] = {}
+    sample = first_batch(engine, distill_set)  # the losses read feature shapes from it
     for method in cfg.distill.methods:
         t0 = time.perf_counter()
         student = build_backbone(cfg.student, modality.student_channels,
@@ -222,7 +223,7 @@ def run_rgbd(cfg: RGBDConfig, engine: Engine) -> dict[str, Any]:
             for stage in distill_stages(engine, method, student, teacher, distill_set, teacher_view, student_view,
                                         cfg.distill.train, weights=cfg.distill.weights, loss_options=loss_options,
                                         init_cfg=cfg.distill.init_train, warm_start=cfg.distill.warm_start,
-                                        record=distill_key):
+                                        record=distill_key, sample=sample):
                 engine.run(stage)
         timings[f"distill-{method}"] = time.perf_counter() - t0
         for mode in cfg.segmentation.encoder_modes:
