@@ -83,10 +83,11 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
     ax.set_title(str(report.get("recipe", "")))
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
-def _save_figure(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Write ``fig`` to ``path`` atomically (a temporary file renamed into place) and close it."""
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)

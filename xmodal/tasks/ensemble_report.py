@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from xmodal.report import save_figure  # noqa: E402
+
 STYLES = {"kd_ensemble": "s-", "crd_ensemble": "o-", "crd_kd_ensemble": "^-"}
 
 
@@ -42,7 +44,4 @@ def plot_error_vs_teachers(report: Mapping[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)

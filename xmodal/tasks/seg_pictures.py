@@ -80,8 +80,10 @@ def compose(image: Tensor, depth: Tensor, mask: Tensor, prediction: Tensor) -> I
 def save_pictures(folder: Path, frames: Sequence[int], batch: dict, prediction: Tensor) -> None:
     """One ``NNNN.png`` per sample of ``batch`` (``frames`` maps its ``index`` to a frame number)."""
     folder.mkdir(parents=True, exist_ok=True)
+    # One device-to-host copy per batch, not four per picture.
+    image, depth, mask, prediction = (t.cpu() for t in (batch["image"], batch["depth"], batch["mask"], prediction))
     for row, index in enumerate(batch["index"].tolist()):
-        picture = compose(batch["image"][row], batch["depth"][row], batch["mask"][row], prediction[row])
+        picture = compose(image[row], depth[row], mask[row], prediction[row])
         picture.save(folder / f"{frames[index]:04d}.png")
 
 
