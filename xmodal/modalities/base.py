@@ -7,9 +7,14 @@ import torch
 from torch import Tensor
 
 from xmodal.errors import ConfigError
+from xmodal.models.efficientnet import LITE0_MEAN, LITE0_STD
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: RGB normalisations a pretrained network may expect, as (mean, std) on RGB in [0, 1]:
+#: torchvision / timm / smp ImageNet weights use ``imagenet``; the packaged TF-Lite weights of
+#: ``efficientnet_lite0`` use ``lite0``, i.e. ``(rgb * 255 - 127) / 128``.
+RGB_NORMS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "lite0": (LITE0_MEAN, LITE0_STD)}
 
 
 class Modality:
@@ -71,8 +76,14 @@ def image_as_float(batch: Mapping[str, Tensor]) -> Tensor:
     return image.float().div_(255.0) if image.dtype == torch.uint8 else image.float()
 
 
-def imagenet_normalize(rgb: Tensor) -> Tensor:
-    """RGB in [0, 1] -> ImageNet mean/std normalised, ``(B, 3, H, W)``."""
-    mean = rgb.new_tensor(IMAGENET_MEAN)[None, :, None, None]
-    std = rgb.new_tensor(IMAGENET_STD)[None, :, None, None]
+def rgb_norm_stats(norm: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` of the :data:`RGB_NORMS` entry ``norm``; ConfigError for an unknown name."""
+    if norm not in RGB_NORMS:
+        raise ConfigError(f"rgb_norm={norm!r}: expected one of {sorted(RGB_NORMS)}")
+    return RGB_NORMS[norm]
+
+
+def normalize_rgb(rgb: Tensor, norm: str = "imagenet") -> Tensor:
+    """RGB in [0, 1] ``(B, 3, H, W)`` -> ``(rgb - mean) / std`` with the :data:`RGB_NORMS` entry ``norm``."""
+    mean, std = (rgb.new_tensor(v)[None, :, None, None] for v in rgb_norm_stats(norm))
     return (rgb - mean) / std

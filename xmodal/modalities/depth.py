@@ -7,15 +7,9 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from xmodal.errors import ConfigError
-from xmodal.modalities.base import IMAGENET_MEAN, IMAGENET_STD, Modality, image_as_float
-from xmodal.models.efficientnet import LITE0_MEAN, LITE0_STD
+from xmodal.modalities.base import Modality, image_as_float, normalize_rgb, rgb_norm_stats
 
 ENCODINGS = ("log", "inverse", "linear")
-#: RGB normalisations a pretrained teacher may expect, as (mean, std) on RGB in [0, 1]:
-#: torchvision / timm / smp ImageNet weights use ``imagenet``; the packaged TF-Lite weights of
-#: ``efficientnet_lite0`` use ``lite0``, i.e. ``(rgb * 255 - 127) / 128``.
-RGB_NORMS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "lite0": (LITE0_MEAN, LITE0_STD)}
 # Indoor Kinect depth lies in about [0.5, 10] m. Each encoding maps that range to roughly
 # [-1.7, 1.7] (zero mean, unit variance for depths spread evenly in the encoded space).
 _RANGE = (0.5, 10.0)
@@ -45,14 +39,6 @@ def encode_depth(depth: Tensor, encoding: str = "log") -> Tensor:
     return torch.where(valid, x, torch.zeros_like(x))
 
 
-def normalize_rgb(rgb: Tensor, norm: str = "imagenet") -> Tensor:
-    """RGB in [0, 1] ``(B, 3, H, W)`` -> ``(rgb - mean) / std`` with the :data:`RGB_NORMS` entry ``norm``."""
-    if norm not in RGB_NORMS:
-        raise ConfigError(f"rgb_norm={norm!r}: expected one of {sorted(RGB_NORMS)}")
-    mean, std = (rgb.new_tensor(v)[None, :, None, None] for v in RGB_NORMS[norm])
-    return (rgb - mean) / std
-
-
 class DepthModality(Modality):
     """Views ``rgb`` (3 channels, normalised as the teacher's weights expect: ``rgb_norm``) and
     ``depth`` (1 channel, encoded)."""
@@ -65,8 +51,7 @@ class DepthModality(Modality):
         super().__init__(teacher_view, student_view)
         if encoding not in ENCODINGS:
             raise ValueError(f"depth encoding {encoding!r}: expected one of {ENCODINGS}")
-        if rgb_norm not in RGB_NORMS:
-            raise ConfigError(f"rgb_norm={rgb_norm!r}: expected one of {sorted(RGB_NORMS)}")
+        rgb_norm_stats(rgb_norm)  # an unknown name fails here, not at the first batch
         self.encoding, self.rgb_norm = encoding, rgb_norm
 
     def compute(self, batch: Mapping[str, Tensor], names: set[str]) -> dict[str, Tensor]:

@@ -5,7 +5,7 @@ from typing import Mapping
 
 from torch import Tensor
 
-from xmodal.modalities.base import Modality, image_as_float, imagenet_normalize
+from xmodal.modalities.base import Modality, image_as_float, normalize_rgb
 
 
 class IdentityModality(Modality):
@@ -18,4 +18,4 @@ class IdentityModality(Modality):
         super().__init__(teacher_view, student_view)
 
     def compute(self, batch: Mapping[str, Tensor], names: set[str]) -> dict[str, Tensor]:
-        return {"rgb": imagenet_normalize(image_as_float(batch))}
+        return {"rgb": normalize_rgb(image_as_float(batch))}

@@ -6,7 +6,7 @@ from typing import Mapping
 import kornia
 from torch import Tensor
 
-from xmodal.modalities.base import Modality, image_as_float, imagenet_normalize
+from xmodal.modalities.base import Modality, image_as_float, normalize_rgb
 
 # Per-channel mean and std of L, a, b, measured on 1,000 CIFAR-10 training images
 # (L 50.2 / 24.3, a 0.1 / 9.5, b 5.9 / 15.5), rounded: each view enters the network with
@@ -38,5 +38,5 @@ class LabModality(Modality):
             lab = (lab - mean) / std
             out["L"], out["ab"] = lab[:, :1], lab[:, 1:]
         if "rgb" in names:
-            out["rgb"] = imagenet_normalize(rgb)
+            out["rgb"] = normalize_rgb(rgb)
         return {name: out[name] for name in names}
