@@ -61,15 +61,6 @@ def sample_generator(seed: int, epoch: int, index: int) -> random.Random:
     return random.Random(state)
 
 
-def _uniform(generator: random.Random, low: float, high: float) -> float:
-    return generator.uniform(low, high)
-
-
-def _randint(generator: random.Random, low: int, high: int) -> int:
-    """An integer in ``[low, high]`` (both ends included)."""
-    return generator.randint(low, high)
-
-
 def _coin(generator: random.Random) -> bool:
     return generator.random() < 0.5
 
@@ -91,7 +82,7 @@ def random_crop_flip(image: Tensor, generator: random.Random, padding: Optional[
     """
     height, width = image.shape[-2:]
     pad = default_padding(min(height, width)) if padding is None else padding
-    top, left = _randint(generator, -pad, pad), _randint(generator, -pad, pad)
+    top, left = generator.randint(-pad, pad), generator.randint(-pad, pad)
     # The box [top, top + H) x [left, left + W) of the zero-padded image: copy the part that
     # overlaps the image into zeros (two slices; no padded copy of the whole image).
     out = torch.zeros_like(image)
@@ -113,12 +104,12 @@ def resized_crop_box(
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
-        target = area * _uniform(generator, *scale)
-        aspect = math.exp(_uniform(generator, *log_ratio))
+        target = area * generator.uniform(*scale)
+        aspect = math.exp(generator.uniform(*log_ratio))
         w = round(math.sqrt(target * aspect))
         h = round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
-            return _randint(generator, 0, height - h), _randint(generator, 0, width - w), h, w
+            return generator.randint(0, height - h), generator.randint(0, width - w), h, w
     aspect = width / height
     if aspect < ratio[0]:
         w, h = width, round(width / ratio[0])
@@ -252,13 +243,13 @@ class RGBDAugment:
         """Returns ``(image, depth, mask)`` at ``size``; eval view when ``generator`` is None."""
         src = (int(image.shape[-2]), int(image.shape[-1]))
         size = src if self.size is None else tuple(self.size)
-        zoom = 1.0 if generator is None else _uniform(generator, *self.scale)
+        zoom = 1.0 if generator is None else generator.uniform(*self.scale)
         h, w = _window(src, size, zoom)
         if generator is None:
             if (h, w) == src == size:
                 return image, depth, mask
             box, flip = ((src[0] - h) // 2, (src[1] - w) // 2, h, w), False
         else:
-            box = (_randint(generator, 0, src[0] - h), _randint(generator, 0, src[1] - w), h, w)
+            box = (generator.randint(0, src[0] - h), generator.randint(0, src[1] - w), h, w)
             flip = _coin(generator)
         return _resized_crop_rgbd(image, depth, mask, box, size, flip)
