@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ensemble.critics import CriticEnsemble, Weights
+from ensemble.critics import CriticEnsemble, Weights, per_teacher_weights
 from losses.features import Features
 from losses.kd import KD
 
@@ -95,7 +95,7 @@ class EnsembleDistillLoss(nn.Module):
         """
         _check_teachers(student, teachers, num_classes, kd=kd_weight > 0)
         critics = None
-        if any(w > 0 for w in ([crd_weights] if isinstance(crd_weights, (int, float)) else crd_weights)):
+        if any(per_teacher_weights(crd_weights, len(teachers))):
             critics = CriticEnsemble(student.pooled.shape[1], [t.pooled.shape[1] for t in teachers], n_data,
                                      weights=crd_weights, seed=seed, **crd_options)
         return cls(critics, len(teachers), ce_weight, kd_weight, kd_T)

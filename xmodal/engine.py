@@ -253,6 +253,12 @@ class Engine:
     def to_device(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
+    def batches(self, dataset: Dataset, batch_size: int, desc: str) -> Iterator[dict[str, Any]]:
+        """This process's share of ``dataset`` in dataset order, each batch on the device, under a
+        progress bar: the loop of every evaluation and inference pass."""
+        for batch in self.progress(self.loader(dataset, batch_size, shuffle=False), desc=desc):
+            yield self.to_device(batch)
+
     def progress(self, iterable, **kwargs):
         """A progress bar on the main process; redrawn at most every 15 s into a log file."""
         interval = 0.1 if sys.stderr.isatty() else 15.0

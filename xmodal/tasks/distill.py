@@ -227,8 +227,7 @@ def _warm_start_banks(engine: Engine, module: DistillModule, teacher_features, s
     if not banks:
         return
     module.student.eval()
-    for batch in engine.progress(engine.loader(dataset, 256, shuffle=False), desc="warm start"):
-        batch = engine.to_device(batch)
+    for batch in engine.batches(dataset, 256, "warm start"):
         with engine.autocast():
             s = module.student(student_view(batch))
             t = teacher_features(batch)

@@ -33,6 +33,7 @@ from xmodal.modalities import Modality, build_modality
 from xmodal.schema import ImageDataConfig, ModalityConfig, ModelConfig, RunConfig, SplitConfig, TrainConfig
 from xmodal.tasks.ensemble_pool import Member, PoolSection, build_pool, check_checkpoints, data_order, ensemble_top1, \
     resolve_pool, view_fn
+from xmodal.tasks.distill import first_batch
 from xmodal.tasks.ensemble_report import plot_error_vs_teachers
 from xmodal.tasks.evaluation import classify_top1, top1
 from xmodal.tasks.subset import open_split
@@ -203,8 +204,7 @@ def student_stage(cfg: EnsembleConfig, engine: Engine, method: str, members: Seq
 @torch.no_grad()
 def _warm_start(engine: Engine, module: EnsembleDistiller, features, dataset: Dataset) -> None:
     """Fill every critic's banks with one inference pass before the first epoch (DESIGN.md)."""
-    for batch in engine.progress(engine.loader(dataset, 256, shuffle=False), desc="warm start"):
-        batch = engine.to_device(batch)
+    for batch in engine.batches(dataset, 256, "warm start"):
         with engine.autocast():
             student_in, taught = features(batch)
             module.warm_start(student_in, taught, batch["index"])
@@ -244,7 +244,7 @@ def run_ensemble(cfg: EnsembleConfig, engine: Engine) -> dict[str, Any]:
 
     # 2. students, one seed at a time, every method from the same initial weights
     student_record = {**shared, "student": record["student"], "train": record["distill"]["train"]}
-    sample = engine.to_device(next(iter(engine.loader(train_set, min(8, len(train_set)), shuffle=False))))
+    sample = first_batch(engine, train_set)
     per_seed = []
     for seed in cfg.student_seeds:
         runs = [("ce", 0)] if "ce" in cfg.distill.methods else []

@@ -32,8 +32,7 @@ def extract(engine: Engine, model: nn.Module, dataset: Dataset, view: ViewFn, ba
     was_training = model.training
     model.eval().to(engine.device)
     rows, feats, labels, logits = [], [], [], []
-    for batch in engine.progress(engine.loader(dataset, batch_size, shuffle=False), desc=desc):
-        batch = engine.to_device(batch)
+    for batch in engine.batches(dataset, batch_size, desc):
         with engine.autocast():
             out = model(view(batch))
         rows.append(batch["index"])

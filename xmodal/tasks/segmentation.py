@@ -189,8 +189,7 @@ def evaluate_segmentation(engine: Engine, segmenter: nn.Module, dataset: Dataset
     was_training = segmenter.training
     segmenter.eval().to(engine.device)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=engine.device)
-    for batch in engine.progress(engine.loader(dataset, batch_size, shuffle=False), desc=desc):
-        batch = engine.to_device(batch)
+    for batch in engine.batches(dataset, batch_size, desc):
         with engine.autocast():
             prediction = segmenter(view(batch)).argmax(1)
         confusion += confusion_matrix(prediction, batch["mask"], num_classes)
