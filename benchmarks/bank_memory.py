@@ -25,8 +25,9 @@ def measure(n_data: int, dtype: str, steps: int, initial: dict | None) -> dict:
     step) makes every dtype start from the same heads, rows and sampler state."""
     torch.manual_seed(0)
     crd = CRDLoss(256, 256, n_data, feat_dim=FEAT, nce_k=K, replacement=True, bank_dtype=dtype)
-    state = {k: v.clone() for k, v in crd.state_dict().items()}
-    if initial is not None:
+    if initial is None:  # the float32 reference: keep its starting state for the other dtypes
+        initial = {k: v.clone() for k, v in crd.state_dict().items()}
+    else:
         crd.load_state_dict(initial)  # rounded to this dtype on load
     g = torch.Generator().manual_seed(1)
     losses = []
@@ -41,7 +42,7 @@ def measure(n_data: int, dtype: str, steps: int, initial: dict | None) -> dict:
         losses.append(float(loss.detach()))
     seconds = (time.perf_counter() - start) / steps
     bank_bytes = crd.memory.student_bank.element_size() * crd.memory.student_bank.numel() * 2
-    return {"bank_mib": bank_bytes / 2**20, "step_s": seconds, "losses": losses, "initial": state}
+    return {"bank_mib": bank_bytes / 2**20, "step_s": seconds, "losses": losses, "initial": initial}
 
 
 def main() -> None:

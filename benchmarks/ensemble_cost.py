@@ -35,10 +35,9 @@ CLASSES, FEAT = 10, 128
 
 
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
-clock = CLOCKS["cpu"]
 
 
-def _median_seconds(step: Callable[[int], None], steps: int) -> float:
+def _median_seconds(step: Callable[[int], None], steps: int, clock: Callable[[], float]) -> float:
     for i in range(2):  # warm-up: sets Z, allocates the scoring buffers
         step(i)
     times = []
@@ -71,10 +70,10 @@ def critic_seconds(m: int, shared: bool, args, labels: torch.Tensor) -> tuple[fl
         if shared:
             loss, _ = critics(f_s, f_ts, index)
         else:
-            loss = sum(0.8 * crd(f_s, f_t, index) for crd, f_t in zip(modules, f_ts))
+            loss = sum(CRDLoss.default_weight * crd(f_s, f_t, index) for crd, f_t in zip(modules, f_ts))
         loss.backward()
 
-    seconds = _median_seconds(step, args.steps)
+    seconds = _median_seconds(step, args.steps, CLOCKS[args.clock])
     bank_bytes = sum(c.memory.student_bank.nbytes + c.memory.teacher_bank.nbytes for c in modules)
     return seconds, bank_bytes
 
@@ -103,7 +102,7 @@ def whole_step_seconds(m: int, args, labels: torch.Tensor) -> float:
         loss.backward()
         opt.step()
 
-    return _median_seconds(step, args.steps)
+    return _median_seconds(step, args.steps, CLOCKS[args.clock])
 
 
 def main() -> None:
@@ -116,8 +115,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu")
     args = parser.parse_args()
-    global clock
-    clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     labels = torch.arange(args.n) % CLASSES
     print(f"N={args.n} K={args.k} B={args.batch} feat_dim={FEAT} class-aware negatives, threads={args.threads}, "

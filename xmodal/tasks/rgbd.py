@@ -179,9 +179,9 @@ def _check_batches(cfg: RGBDConfig, n_distill: int, n_seg: int, world: int) -> N
 
 
 # -------------------------------------------------------------------- stages
-def _teacher(cfg: RGBDConfig, engine: Engine) -> nn.Module:
+def _teacher(cfg: RGBDConfig, engine: Engine, in_channels: int) -> nn.Module:
     model = cfg.teacher.model
-    teacher = build_model(model.arch, in_channels=3, num_classes=cfg.teacher.num_classes, **model.options)
+    teacher = build_model(model.arch, in_channels=in_channels, num_classes=cfg.teacher.num_classes, **model.options)
     if cfg.teacher.checkpoint:
         load_weights_into(teacher, cfg.teacher.checkpoint, role="teacher")
     return teacher.to(engine.device).eval().requires_grad_(False)
@@ -204,7 +204,7 @@ def run_rgbd(cfg: RGBDConfig, engine: Engine) -> dict[str, Any]:
     _check_batches(cfg, len(distill_set), len(seg_train), engine.world)
     classes = list(seg_test.classes)
     loss_options = bank_options(cfg.distill.loss_options, len(distill_set))
-    teacher = _teacher(cfg, engine)
+    teacher = _teacher(cfg, engine, modality.teacher_channels)
     record = to_dict(cfg)
     data_key = {k: v for k, v in record["data"].items() if k != "num_workers"}  # workers change no result
     distill_key = {"student": record["student"], "teacher": record["teacher"], "data": data_key,
