@@ -48,6 +48,7 @@ def sgd_on_my_share(model: torch.nn.Module, batches, rank: int, world: int,
     wrapped = DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.SGD(wrapped.parameters(), lr=lr)
     for batch in batches:
+        assert len(batch[0]) % world == 0, f"a global batch of {len(batch[0])} does not split over {world} ranks"
         share = len(batch[0]) // world
         loss = loss_of(wrapped, batch, slice(rank * share, (rank + 1) * share))
         opt.zero_grad()

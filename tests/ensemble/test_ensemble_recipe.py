@@ -7,6 +7,7 @@ import pytest
 
 from xmodal.cli import main
 from xmodal.models import build_model, save_backbone
+from xmodal.models.checkpoint import read_checkpoint
 
 TINY = [
     "data.train.subset=100", "data.test.subset=50", "data.num_workers=0",
@@ -51,6 +52,8 @@ def test_tiny_cross_modal_run_gives_each_teacher_its_own_view(cifar10_jpeg, tmp_
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert [m["view"] for m in report["teachers"]["members"]] == ["L", "rgb"]
+    # the networks really were built for those views: 1 input channel for L, 3 for RGB
+    assert [read_checkpoint(out / "teachers" / f"teacher-{i}.pt")["in_channels"] for i in range(2)] == [1, 3]
     assert [(r["method"], r["n_teachers"]) for r in report["results"]] == [("crd_ensemble", 2)]
 
 

@@ -71,8 +71,9 @@ def test_killed_runs_resume_to_the_same_report(tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     assert _run(reference) == 0
 
-    # 1. Killed in the middle of writing the 5th file (teacher: 2 epochs + final; distill-crd epoch 2).
-    assert _run(killed, tmp_path / "patch", "save", 5) == -signal.SIGKILL
+    # 1. Killed in the middle of writing the 6th file (teacher: 2 epochs + final + the exported
+    #    teacher.pt; distill-crd epoch 2).
+    assert _run(killed, tmp_path / "patch", "save", 6) == -signal.SIGKILL
     ckpt = killed / "stages" / "distill-crd" / "checkpoint.pt"
     assert torch.load(ckpt, weights_only=False)["epoch"] == 1  # the last good one is intact
 
