@@ -47,6 +47,12 @@ def test_tiny_lab_run_writes_a_complete_report(tmp_path, capsys):
     first = (out / "report.json").read_text()
     assert main(["run", "lab-color-transfer", f"output_dir={out}", *TINY]) == 0
     assert json.loads(first)["results"] == json.loads((out / "report.json").read_text())["results"]
+    # the trained teacher is exported and loads back as teacher.checkpoint, scoring the same
+    again = tmp_path / "again"
+    assert main(["run", "lab-color-transfer", f"output_dir={again}", *TINY, "distill.methods=[random]",
+                 f"teacher.checkpoint={out / 'teacher.pt'}"]) == 0
+    assert json.loads((again / "report.json").read_text())["teacher"]["top1"] == json.loads(first)["teacher"]["top1"]
+    assert not (again / "stages" / "teacher").exists()
 
 
 def test_misspelt_key_is_one_line_exit_2(tmp_path, capsys):

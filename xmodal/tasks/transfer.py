@@ -24,6 +24,7 @@ from xmodal.config import to_dict
 from xmodal.engine import Engine
 from xmodal.errors import ConfigError
 from xmodal.modalities import Modality, build_modality
+from xmodal.models import save_backbone
 from xmodal.models.checkpoint import load_weights_into, read_checkpoint
 from xmodal.schema import ImageDataConfig, ModalityConfig, ModelConfig, OptimConfig, RunConfig, SplitConfig, TrainConfig
 from xmodal.tasks.distill import distill_stages, first_batch, needs_logits
@@ -186,6 +187,9 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
         teacher_result = engine.run(stage, lambda: {"top1": classify_top1(engine, teacher, probe_test, views.teacher,
                                                                          desc="teacher test")})
         timings["teacher"] = teacher_result.get("seconds", 0.0)
+        exported = engine.output_dir / "teacher.pt"  # reusable as teacher.checkpoint=<output_dir>/teacher.pt
+        if engine.is_main and not exported.exists():
+            save_backbone(exported, teacher)
     teacher.eval().requires_grad_(False)
 
     rows = []
