@@ -7,7 +7,7 @@ from __future__ import annotations
 import difflib
 
 from xmodal.errors import ConfigError
-from xmodal.modalities.base import Modality
+from xmodal.modalities.base import Modality, view_fn
 from xmodal.modalities.depth import DepthModality
 from xmodal.modalities.identity import IdentityModality
 from xmodal.modalities.lab import LabModality
@@ -24,4 +24,4 @@ def build_modality(name: str, **options) -> Modality:
     return MODALITIES[name](**options)
 
 
-__all__ = ["Modality", "MODALITIES", "build_modality", "LabModality", "DepthModality", "IdentityModality"]
+__all__ = ["Modality", "MODALITIES", "build_modality", "view_fn", "LabModality", "DepthModality", "IdentityModality"]

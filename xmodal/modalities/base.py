@@ -1,7 +1,7 @@
 """The modality adapter: a whole batch on the device -> the views teachers and students see."""
 from __future__ import annotations
 
-from typing import ClassVar, Mapping
+from typing import Callable, ClassVar, Mapping
 
 import torch
 from torch import Tensor
@@ -87,3 +87,8 @@ def normalize_rgb(rgb: Tensor, norm: str = "imagenet") -> Tensor:
     """RGB in [0, 1] ``(B, 3, H, W)`` -> ``(rgb - mean) / std`` with the :data:`RGB_NORMS` entry ``norm``."""
     mean, std = (rgb.new_tensor(v)[None, :, None, None] for v in rgb_norm_stats(norm))
     return (rgb - mean) / std
+
+
+def view_fn(modality: Modality, view: str) -> Callable[[Mapping[str, Tensor]], Tensor]:
+    """``batch -> that batch's view`` for one consumer (a teacher or the student)."""
+    return lambda batch: modality.views(batch, [view])[view]

@@ -29,10 +29,10 @@ from losses.features import Features
 from xmodal.config import to_dict
 from xmodal.engine import Engine, Stage
 from xmodal.errors import ConfigError
-from xmodal.modalities import Modality, build_modality
+from xmodal.modalities import Modality, build_modality, view_fn
 from xmodal.schema import ImageDataConfig, ModalityConfig, ModelConfig, RunConfig, SplitConfig, TrainConfig
 from xmodal.tasks.ensemble_pool import Member, PoolSection, build_pool, check_checkpoints, data_order, ensemble_top1, \
-    resolve_pool, view_fn
+    resolve_pool
 from xmodal.tasks.distill import first_batch
 from xmodal.tasks.ensemble_report import plot_error_vs_teachers
 from xmodal.tasks.evaluation import classify_top1, top1

@@ -14,7 +14,7 @@ import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from xmodal.config import to_dict
 from xmodal.engine import Engine
 from xmodal.errors import ConfigError
-from xmodal.modalities import Modality
+from xmodal.modalities import Modality, view_fn
 from xmodal.models import load_backbone, save_backbone
 from xmodal.models.checkpoint import read_checkpoint
 from xmodal.schema import ModelConfig, TrainConfig
@@ -137,11 +137,6 @@ def data_order(engine: Engine, seed: int) -> Iterator[None]:
         yield
     finally:
         engine.seed = saved
-
-
-def view_fn(modality: Modality, view: str) -> Callable[[dict[str, Tensor]], Tensor]:
-    """``batch -> batch's view`` for one consumer (a teacher or the student)."""
-    return lambda batch: modality.views(batch, [view])[view]
 
 
 def build_pool(engine: Engine, members: Sequence[Member], modality: Modality, train_set: Dataset, test_set: Dataset,

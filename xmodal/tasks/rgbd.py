@@ -27,7 +27,7 @@ from xmodal.config import to_dict
 from xmodal.data import build_dataset
 from xmodal.engine import Engine
 from xmodal.errors import ConfigError, DataError
-from xmodal.modalities import build_modality
+from xmodal.modalities import build_modality, view_fn
 from xmodal.models import build_model, load_weights_into
 from xmodal.schema import DataConfig, ModalityConfig, ModelConfig, RunConfig, SplitConfig, TrainConfig
 from xmodal.tasks.distill import distill_stages, first_batch, needs_logits, resolve_method
@@ -192,12 +192,7 @@ def run_rgbd(cfg: RGBDConfig, engine: Engine) -> dict[str, Any]:
     began = time.perf_counter()
     modality = build_modality(cfg.modality.name, teacher_view=cfg.modality.teacher_view,
                               student_view=cfg.modality.student_view, **cfg.modality.options)
-
-    def teacher_view(batch):
-        return modality.views(batch, [modality.teacher_view])[modality.teacher_view]
-
-    def student_view(batch):
-        return modality.views(batch, [modality.student_view])[modality.student_view]
+    teacher_view, student_view = view_fn(modality, modality.teacher_view), view_fn(modality, modality.student_view)
 
     distill_set = _distill_set(cfg)
     seg_train, seg_test, split_info = segmentation_data(cfg)
