@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from xmodal.errors import CheckpointError, ConfigError, XmodalError
 from xmodal.models.batchnorm import convert_batchnorm
+from xmodal.schema import TrainConfig
 
 CHECKPOINT = "checkpoint.pt"
 FINAL = "final.pt"
@@ -149,6 +150,13 @@ class Stage:
     config: Mapping[str, Any] = field(default_factory=dict)
     frozen: Mapping[str, nn.Module] = field(default_factory=dict)
     on_epoch_start: Optional[Callable[[int], None]] = None
+
+    @classmethod
+    def on_schedule(cls, train: TrainConfig, **fields: Any) -> "Stage":
+        """A stage on ``train``'s schedule (epochs, batch size, optimizer, learning-rate curve);
+        ``fields`` are the rest of the stage."""
+        return cls(epochs=train.epochs, batch_size=train.batch_size, optimizer=train.optim.build,
+                   lr_lambda=train.optim.lr_lambda(train.epochs), **fields)
 
 
 class Engine:

@@ -178,10 +178,9 @@ def distill_stages(
                                       dataset, init_cfg or cfg, record))
             if not criterion.distill_after_init:
                 module.weights[name] = 0.0
-    stages.append(Stage(
-        name=f"distill-{method}", module=module, step=step, dataset=dataset, epochs=cfg.epochs,
-        batch_size=cfg.batch_size, optimizer=cfg.optim.build, lr_lambda=cfg.optim.lr_lambda(cfg.epochs),
-        config=record, frozen={"teacher": teacher}, on_epoch_start=on_epoch_start,
+    stages.append(Stage.on_schedule(
+        cfg, name=f"distill-{method}", module=module, step=step, dataset=dataset, config=record,
+        frozen={"teacher": teacher}, on_epoch_start=on_epoch_start,
     ))
     return stages
 
@@ -210,12 +209,10 @@ def _init_stage(engine: Engine, method: str, name: str, criterion: DistillLoss, 
                 record: Mapping[str, Any]) -> Stage:
     """The first stage of AB / FT / FSP: train the student (AB, FSP) or the loss's modules (FT)."""
     holder = InitStageModule(name, criterion, module.student, module.preact)
-    return Stage(
-        name=f"distill-{method}-{name}-init", module=holder,
+    return Stage.on_schedule(
+        cfg, name=f"distill-{method}-{name}-init", module=holder,
         step=lambda wrapped, batch: wrapped(student_view(batch), teacher_features(batch)),
-        dataset=dataset, epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optim.build,
-        lr_lambda=cfg.optim.lr_lambda(cfg.epochs), config={**dict(record), "init": name},
-        on_epoch_start=getattr(dataset, "set_epoch", None),
+        dataset=dataset, config={**dict(record), "init": name}, on_epoch_start=getattr(dataset, "set_epoch", None),
     )
 
 

@@ -194,10 +194,9 @@ def student_stage(cfg: EnsembleConfig, engine: Engine, method: str, members: Seq
     if terms.get("kd"):
         config.update(kd_T=cfg.distill.kd_T)
     name = "ce" if method == "ce" else f"{method}-m{len(teachers)}"
-    stage = Stage(name=f"{name}-s{seed}", module=module, step=step, dataset=train_set, epochs=cfg.distill.train.epochs,
-                  batch_size=cfg.distill.train.batch_size, optimizer=cfg.distill.train.optim.build,
-                  lr_lambda=cfg.distill.train.optim.lr_lambda(cfg.distill.train.epochs), config=config,
-                  frozen={f"teacher_{i}": t for i, t in enumerate(teachers)}, on_epoch_start=on_epoch_start)
+    stage = Stage.on_schedule(cfg.distill.train, name=f"{name}-s{seed}", module=module, step=step, dataset=train_set,
+                              config=config, frozen={f"teacher_{i}": t for i, t in enumerate(teachers)},
+                              on_epoch_start=on_epoch_start)
     return stage, student
 
 

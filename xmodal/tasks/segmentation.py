@@ -32,6 +32,7 @@ from xmodal.models.base import Backbone
 from xmodal.models.segmentation import DECODERS, build_segmenter
 from xmodal.schema import OptimConfig, TrainConfig
 from xmodal.tasks.subset import SubsetDataset
+from xmodal.tasks.supervised import supervised_stage
 
 ENCODER_MODES = ("frozen", "finetune")
 SPLITS = ("auto", "official", "holdout")
@@ -165,15 +166,8 @@ def masked_cross_entropy(logits: Tensor, mask: Tensor) -> Tensor:
 def segmentation_stage(name: str, segmenter: nn.Module, dataset: Dataset, view: ViewFn, train: TrainConfig,
                        record: Mapping[str, Any]) -> Stage:
     """The engine stage that trains ``segmenter`` on ``view(batch)`` against ``batch["mask"]``."""
-
-    def step(wrapped: nn.Module, batch) -> dict[str, Tensor]:
-        loss = masked_cross_entropy(wrapped(view(batch)), batch["mask"])
-        return {"loss": loss, "ce": loss}
-
-    return Stage(name=name, module=segmenter, step=step, dataset=dataset, epochs=train.epochs,
-                 batch_size=train.batch_size, optimizer=train.optim.build,
-                 lr_lambda=train.optim.lr_lambda(train.epochs), config=dict(record),
-                 on_epoch_start=getattr(dataset, "set_epoch", None))
+    return supervised_stage(name, segmenter, dataset, view, train, record,
+                            loss=lambda out, batch: masked_cross_entropy(out, batch["mask"]))
 
 
 # ---------------------------------------------------------------- evaluation

@@ -1,7 +1,7 @@
 """Pieces every task shares: a seeded backbone, and a stage that trains it with labels."""
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,14 +20,15 @@ def build_backbone(model: ModelConfig, in_channels: int, num_classes: int, seed:
 
 
 def supervised_stage(name: str, model: nn.Module, dataset: Dataset, view: Callable[[Mapping[str, Tensor]], Tensor],
-                     train: TrainConfig, record: Mapping[str, Any]) -> Stage:
-    """A stage that trains ``model``'s classifier and body with cross-entropy on ``view``."""
+                     train: TrainConfig, record: Mapping[str, Any],
+                     loss: Optional[Callable[[Any, Mapping[str, Tensor]], Tensor]] = None) -> Stage:
+    """A stage that trains ``model`` on ``view(batch)`` with ``loss(output, batch)``; by default
+    cross-entropy of the classifier's logits against ``batch["label"]``."""
+    loss = loss or (lambda out, batch: F.cross_entropy(out.logits, batch["label"]))
 
     def step(wrapped, batch):
-        loss = F.cross_entropy(wrapped(view(batch)).logits, batch["label"])
-        return {"loss": loss, "ce": loss}
+        value = loss(wrapped(view(batch)), batch)
+        return {"loss": value, "ce": value}
 
-    return Stage(name=name, module=model, step=step, dataset=dataset, epochs=train.epochs,
-                 batch_size=train.batch_size, optimizer=train.optim.build,
-                 lr_lambda=train.optim.lr_lambda(train.epochs), config=record,
-                 on_epoch_start=getattr(dataset, "set_epoch", None))
+    return Stage.on_schedule(train, name=name, module=model, step=step, dataset=dataset, config=dict(record),
+                             on_epoch_start=getattr(dataset, "set_epoch", None))
