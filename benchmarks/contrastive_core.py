@@ -5,16 +5,20 @@ NCE loss, backward, bank update) of each formulation, given the same ``contrast_
 uniformly with replacement, as RepDistiller's AliasMethod does, so N < K works too). Each
 (formulation, N) runs in a fresh subprocess so peak memory can be read from the OS: the figure
 is the process's peak RSS during the steps (Linux ``VmHWM``, reset before the first step;
-CUDA: ``max_memory_allocated``) minus what the banks, heads and inputs already held. The loss of the first step is printed for both,
-with their relative difference.
+CUDA: ``max_memory_allocated``) minus what the banks, heads and inputs already held. Step
+times are the median over ``--steps`` timed steps (after one warm-up step), with the fastest
+and slowest step of xmodal's core beside them: on a shared CPU a mean of a few steps moves by
+a third from run to run. The loss of the first step is printed for both, with their relative
+difference.
 
     python benchmarks/contrastive_core.py                 # N = 5k, 50k, 105k, 1.28M
-    python benchmarks/contrastive_core.py --n 50000 --steps 5
+    python benchmarks/contrastive_core.py --n 50000 --steps 15
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -80,13 +84,16 @@ def run_one(formulation: str, n_data: int, steps: int, device: str, scoring: str
 
     base = _reset_peak(device)  # banks, heads and inputs are allocated; no step has run
     first_loss = step(batches[0])  # also the warm-up: sets Z
-    start = time.perf_counter()
+    seconds = []
     for batch in batches[1:]:
+        start = time.perf_counter()
         step(batch)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / steps
-    return {"loss": first_loss, "step_s": seconds, "peak_mib": (_peak(device) - base) / 2**20}
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    seconds.sort()
+    return {"loss": first_loss, "step_s": statistics.median(seconds), "min_s": seconds[0], "max_s": seconds[-1],
+            "peak_mib": (_peak(device) - base) / 2**20}
 
 
 def _measure(formulation: str, n_data: int, steps: int, device: str, scoring: str) -> dict:
@@ -114,7 +121,7 @@ def _sampler_seconds(n_data: int, device: str) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, nargs="*", default=[5_000, 50_000, 105_000, 1_281_167])
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=9, help="timed steps per run; the median is reported")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--scoring", default="auto", choices=["auto", "full", "gather"])
     parser.add_argument("--child", choices=["xmodal", "plain"], help=argparse.SUPPRESS)
@@ -125,7 +132,7 @@ def main() -> None:
     from losses.contrast.scoring import choose_scoring
 
     print(f"B={B} K={K} feat_dim={FEAT} device={args.device} threads={torch.get_num_threads()} steps={args.steps}")
-    header = f"{'N':>9} {'route':>6} {'xmodal s':>9} {'plain s':>9} {'speed-up':>8} {'xmodal MiB':>10} {'plain MiB':>10} {'mem ratio':>9} {'loss rel diff':>13} {'sampler s':>9}"
+    header = f"{'N':>9} {'route':>6} {'xmodal s':>9} {'(min-max)':>13} {'plain s':>9} {'speed-up':>8} {'xmodal MiB':>10} {'plain MiB':>10} {'mem ratio':>9} {'loss rel diff':>13} {'sampler s':>9}"
     print(header)
     for n_data in args.n:
         ours = _measure("xmodal", n_data, args.steps, args.device, args.scoring)
@@ -134,7 +141,7 @@ def main() -> None:
         sampler = _sampler_seconds(n_data, args.device)
         route = choose_scoring(args.scoring, n_data, K)
         print(
-            f"{n_data:>9} {route:>6} {ours['step_s']:>9.4f} {plain['step_s']:>9.4f} "
+            f"{n_data:>9} {route:>6} {ours['step_s']:>9.4f} {ours['min_s']:>6.3f}-{ours['max_s']:<6.3f} {plain['step_s']:>9.4f} "
             f"{plain['step_s'] / ours['step_s']:>7.1f}x {ours['peak_mib']:>10.1f} {plain['peak_mib']:>10.1f} "
             f"{plain['peak_mib'] / max(ours['peak_mib'], 0.1):>8.1f}x {rel:>13.2e} "
             f"{'n/a (K>N-1)' if sampler is None else f'{sampler:.4f}':>9}",

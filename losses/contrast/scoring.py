@@ -44,7 +44,9 @@ class _BankScores(torch.autograd.Function):
         ctx.save_for_backward(bank, idx)
         ctx.route = route
         if route == "full":
-            return torch.gather(anchors @ bank.to(anchors.dtype).T, 1, idx)
+            # (N, d) @ (d, B) rather than (B, d) @ (d, N): the same products, but the layout
+            # BLAS runs fastest on this skinny shape (benchmarks/contrastive_core.py).
+            return torch.gather((bank.to(anchors.dtype) @ anchors.T).T, 1, idx)
         out = anchors.new_empty(idx.shape)
         for rows, picked in _gathered_chunks(bank, idx, anchors.dtype):
             out[rows] = torch.bmm(picked, anchors[rows, :, None])[..., 0]
@@ -57,7 +59,7 @@ class _BankScores(torch.autograd.Function):
             # Scatter the K+1 column gradients into a (B, N) matrix and use one matmul: at the
             # bank sizes where "full" is chosen this beats gathering B*(K+1) rows again.
             dense = grad_scores.new_zeros((idx.shape[0], bank.shape[0])).scatter_add_(1, idx, grad_scores)
-            grad_anchors = dense @ bank.to(dense.dtype)
+            grad_anchors = (bank.to(dense.dtype).T @ dense.T).T
         elif bank.dtype == grad_scores.dtype:
             grad_anchors = F.embedding_bag(idx, bank, per_sample_weights=grad_scores, mode="sum")
         else:  # a low-precision bank: upcast only the rows in use
