@@ -138,9 +138,9 @@ def _features_fn(modality: Modality, members: Sequence[Member], teachers: Sequen
     return features
 
 
-def _ensemble_loss(cfg: EnsembleConfig, method: str, student: nn.Module, features, sample: dict[str, Tensor],
-                   n_data: int, labels: Tensor, num_classes: int, weights: Sequence[float], seed: int) -> EnsembleDistillLoss:
-    terms = method_terms(cfg.distill, method)
+def _ensemble_loss(cfg: EnsembleConfig, method: str, terms: dict[str, float], student: nn.Module, features,
+                   sample: dict[str, Tensor], n_data: int, labels: Tensor, num_classes: int, weights: Sequence[float],
+                   seed: int) -> EnsembleDistillLoss:
     with torch.no_grad():
         student_in, teachers = features(sample)
         student.eval()
@@ -170,7 +170,8 @@ def student_stage(cfg: EnsembleConfig, engine: Engine, method: str, members: Seq
     student = build_backbone(cfg.student, modality.student_channels, num_classes, seed)
     student.to(engine.device)
     features = _features_fn(modality, members, teachers)
-    loss = _ensemble_loss(cfg, method, student, features, sample, len(train_set), train_set.labels, num_classes,
+    terms = method_terms(cfg.distill, method)
+    loss = _ensemble_loss(cfg, method, terms, student, features, sample, len(train_set), train_set.labels, num_classes,
                           weights, seed)
     module = EnsembleDistiller(student, loss)
 
@@ -184,7 +185,6 @@ def student_stage(cfg: EnsembleConfig, engine: Engine, method: str, members: Seq
             _warm_start(engine, module, features, train_set)
 
     # The stage's identity: only what changes this student (a CE student ignores the CRD options).
-    terms = method_terms(cfg.distill, method)
     config = {**record, "method": method, "terms": terms, "seed": seed}
     if members:
         config.update(teachers=[to_dict(m) for m in members], teacher_train=to_dict(cfg.teachers.train),
