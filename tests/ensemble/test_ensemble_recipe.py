@@ -8,6 +8,7 @@ import pytest
 from xmodal.cli import main
 from xmodal.models import build_model, save_backbone
 from xmodal.models.checkpoint import read_checkpoint
+from xmodal.tasks.ensemble import critic_weights
 
 TINY = [
     "data.train.subset=100", "data.test.subset=50", "data.num_workers=0",
@@ -41,6 +42,33 @@ def test_tiny_cifar_run_reports_every_method_and_teacher_count(cifar10_jpeg, tmp
     # running again resumes: every stage is finished, so nothing trains and the numbers repeat
     assert main(args) == 0
     assert json.loads((out / "report.json").read_text())["results"] == report["results"]
+
+
+def test_critic_weights_paper_or_split():
+    assert critic_weights(0.8, [1.0, 1.0, 1.0, 1.0], split=False) == pytest.approx([0.8] * 4)
+    assert critic_weights(0.8, [1.0, 1.0, 1.0, 1.0], split=True) == pytest.approx([0.2] * 4)
+    assert critic_weights(0.8, [3.0, 1.0], split=True) == pytest.approx([0.6, 0.2])
+    assert critic_weights(0.8, [1.0], split=True) == pytest.approx([0.8])  # one teacher: the same either way
+    assert critic_weights(0.8, [0.0, 0.0], split=True) == [0.0, 0.0]
+
+
+@pytest.mark.slow
+def test_split_crd_weight_reaches_the_critics(cifar10_jpeg, tmp_path, monkeypatch):
+    import ensemble.loss
+
+    built = []
+    original = ensemble.loss.EnsembleDistillLoss.from_features.__func__
+
+    def spy(cls, *args, **kwargs):
+        built.append(kwargs["crd_weights"])
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(ensemble.loss.EnsembleDistillLoss, "from_features", classmethod(spy))
+    common = ["run", "ensemble-cifar", "data=imagefolder", f"data.root={cifar10_jpeg}", *TINY,
+              "distill.methods=[crd_ensemble]", "distill.n_teachers=[2]"]
+    assert main([*common, f"output_dir={tmp_path / 'paper'}"]) == 0
+    assert main([*common, f"output_dir={tmp_path / 'split'}", "distill.split_crd_weight=true"]) == 0
+    assert built == [pytest.approx([0.8, 0.8]), pytest.approx([0.4, 0.4])]
 
 
 @pytest.mark.slow

@@ -69,6 +69,7 @@ class EnsembleDistillSection:
     crd: dict[str, Any] = field(default_factory=lambda: {"nce_k": 4096, "negatives": "class"})
     kd_T: float = 4.0
     warm_start: bool = False
+    split_crd_weight: bool = False
 
 
 @dataclass
@@ -102,6 +103,18 @@ class EnsembleConfig(RunConfig):
 def method_terms(distill: EnsembleDistillSection, method: str) -> dict[str, float]:
     """``{"ce": γ, "kd": α, "crd": β}`` of ``method`` with the recipe's overrides."""
     return {**METHODS[method], **{k: float(v) for k, v in distill.weights.get(method, {}).items()}}
+
+
+def critic_weights(beta: float, teacher_weights: Sequence[float], split: bool) -> list[float]:
+    """Weight of each of the M critics: ``β·w_i`` (paper), or with ``split`` ``β·w_i / Σ w``.
+
+    The paper's ``L = CE - β Σ_i L_critic(T_i, S)`` gives every critic the full ``β``, so the
+    contrastive share of the loss grows with M; ``split`` keeps it at ``β`` for every M.
+    """
+    total = sum(teacher_weights)
+    if not split or total == 0:
+        return [beta * w for w in teacher_weights]
+    return [beta * w / total for w in teacher_weights]
 
 
 # ----------------------------------------------------------------- datasets
@@ -154,7 +167,8 @@ def _ensemble_loss(cfg: EnsembleConfig, method: str, terms: dict[str, float], st
     try:
         return EnsembleDistillLoss.from_features(
             s_feats, teachers, n_data=n_data, num_classes=num_classes,
-            crd_weights=[terms.get("crd", 0.0) * w for w in weights], ce_weight=terms.get("ce", 0.0),
+            crd_weights=critic_weights(terms.get("crd", 0.0), weights, cfg.distill.split_crd_weight),
+            ce_weight=terms.get("ce", 0.0),
             kd_weight=terms.get("kd", 0.0), kd_T=cfg.distill.kd_T, seed=seed, **crd)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{method} with {len(teachers)} teachers (distill.crd={cfg.distill.crd}): {err}") from None
@@ -191,6 +205,8 @@ def student_stage(cfg: EnsembleConfig, engine: Engine, method: str, members: Seq
                       teacher_weights=list(weights))
     if terms.get("crd"):
         config.update(crd=cfg.distill.crd, warm_start=cfg.distill.warm_start)
+        if cfg.distill.split_crd_weight:  # recorded only when on: earlier runs keep their fingerprints
+            config.update(split_crd_weight=True)
     if terms.get("kd"):
         config.update(kd_T=cfg.distill.kd_T)
     name = "ce" if method == "ce" else f"{method}-m{len(teachers)}"
