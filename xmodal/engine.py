@@ -261,6 +261,11 @@ class Engine:
     def to_device(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
+    def first_batch(self, dataset: Dataset, size: int = 8) -> dict[str, Any]:
+        """The first ``size`` samples of ``dataset`` (unshuffled), batched and on the device: what
+        the losses read feature shapes from before a stage is built."""
+        return self.to_device(next(iter(self.loader(dataset, min(size, len(dataset)), shuffle=False))))
+
     def batches(self, dataset: Dataset, batch_size: int, desc: str) -> Iterator[dict[str, Any]]:
         """This process's share of ``dataset`` in dataset order, each batch on the device, under a
         progress bar: the loop of every evaluation and inference pass."""

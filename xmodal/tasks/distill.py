@@ -118,11 +118,6 @@ def build_criteria(terms: Mapping[str, float], student: nn.Module, teacher: nn.M
     return criteria
 
 
-def first_batch(engine: Engine, dataset: Dataset, size: int = 8) -> dict[str, Tensor]:
-    """The first ``size`` samples of ``dataset`` (unshuffled), batched and on the device."""
-    return engine.to_device(next(iter(engine.loader(dataset, min(size, len(dataset)), shuffle=False))))
-
-
 def distill_stages(
     engine: Engine,
     method: str,
@@ -144,12 +139,12 @@ def distill_stages(
     """The stages that distill ``teacher`` into ``student`` with ``method`` (first stage first).
 
     ``record`` is the part of the recipe that defines these stages (their checkpoint key).
-    ``sample``: a batch of ``dataset`` on the device (:func:`first_batch`), from which the losses
+    ``sample``: a batch of ``dataset`` on the device (:meth:`Engine.first_batch`), from which the losses
     read the feature shapes; fetched here when not given.
     """
     spec = resolve_method(method, weights, warm_start)
     terms = spec.terms
-    sample = first_batch(engine, dataset) if sample is None else sample
+    sample = engine.first_batch(dataset) if sample is None else sample
     student.to(engine.device), teacher.to(engine.device)
     labels = getattr(dataset, "labels", None)
     criteria = build_criteria(terms, student, teacher, student_view(sample), teacher_view(sample), len(dataset),

@@ -33,7 +33,6 @@ from xmodal.modalities import Modality, build_modality, view_fn
 from xmodal.schema import ImageDataConfig, ModalityConfig, ModelConfig, RunConfig, SplitConfig, TrainConfig
 from xmodal.tasks.ensemble_pool import Member, PoolSection, build_pool, check_checkpoints, data_order, ensemble_top1, \
     resolve_pool
-from xmodal.tasks.distill import first_batch
 from xmodal.tasks.ensemble_report import plot_error_vs_teachers
 from xmodal.tasks.evaluation import classify_top1, top1
 from xmodal.tasks.subset import open_split
@@ -259,7 +258,7 @@ def run_ensemble(cfg: EnsembleConfig, engine: Engine) -> dict[str, Any]:
 
     # 2. students, one seed at a time, every method from the same initial weights
     student_record = {**shared, "student": record["student"], "train": record["distill"]["train"]}
-    sample = first_batch(engine, train_set)
+    sample = engine.first_batch(train_set)
     per_seed = []
     for seed in cfg.student_seeds:
         runs = [("ce", 0)] if "ce" in cfg.distill.methods else []

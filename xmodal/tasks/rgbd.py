@@ -30,7 +30,7 @@ from xmodal.errors import ConfigError, DataError
 from xmodal.modalities import build_modality, view_fn
 from xmodal.models import build_model, load_weights_into
 from xmodal.schema import DataConfig, ModalityConfig, ModelConfig, RunConfig, SplitConfig, TrainConfig
-from xmodal.tasks.distill import distill_stages, first_batch, needs_logits, resolve_method
+from xmodal.tasks.distill import distill_stages, needs_logits, resolve_method
 from xmodal.tasks.seg_pictures import save_legend, save_pictures
 from xmodal.tasks.segmentation import (
     SegmentationConfig, evaluate_segmentation, frame_numbers, holdout_split, picture_dir, segmentation_stage,
@@ -209,7 +209,7 @@ def run_rgbd(cfg: RGBDConfig, engine: Engine) -> dict[str, Any]:
     timings: dict[str, float] = {}
     rows: list[dict[str, Any]] = []
     per_class: dict[str, dict[str, Optional[float]]] = {}
-    sample = first_batch(engine, distill_set)  # the losses read feature shapes from it
+    sample = engine.first_batch(distill_set)  # the losses read feature shapes from it
     for method in cfg.distill.methods:
         t0 = time.perf_counter()
         student = build_backbone(cfg.student, modality.student_channels,

@@ -27,7 +27,7 @@ from xmodal.modalities import Modality, build_modality
 from xmodal.models import save_backbone
 from xmodal.models.checkpoint import load_weights_into, read_checkpoint
 from xmodal.schema import ImageDataConfig, ModalityConfig, ModelConfig, OptimConfig, RunConfig, SplitConfig, TrainConfig
-from xmodal.tasks.distill import distill_stages, first_batch, needs_logits
+from xmodal.tasks.distill import distill_stages, needs_logits
 from xmodal.tasks.evaluation import classify_top1
 from xmodal.tasks.linear_probe import ProbeConfig, linear_probe
 from xmodal.tasks.subset import open_split
@@ -162,7 +162,7 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
                               warm_start=cfg.distill.warm_start, sample=sample,
                               record={**shared, "distill": record["distill"]["train"]})
 
-    sample = first_batch(engine, distill_set)  # the losses read feature shapes from it
+    sample = engine.first_batch(distill_set)  # the losses read feature shapes from it
 
     # Build every method's losses once before anything trains (on an untrained copy of the
     # teacher): a bad loss option or a K the distillation set cannot supply fails in seconds,
