@@ -22,8 +22,10 @@ from torch import Tensor
 
 SCORING_MODES = ("auto", "full", "gather")
 
-# "auto" scores the whole bank when N <= FULL_SCORING_RATIO * (K + 1). Chosen from
-# benchmarks/contrastive_core.py on the 2-core CPU machine (see that script's output).
+# "auto" scores the whole bank when N <= FULL_SCORING_RATIO * (K + 1) (262k rows at K = 16384).
+# From benchmarks/contrastive_core.py --scoring full|gather on the 2-core CPU (median step, B = 64,
+# K = 16384): N = 105k full 0.179 s, gather 0.570 s; N = 1.28M full 1.89 s, gather 0.76 s. Full
+# costs ~1.7 us per bank row, gather ~0.6-0.8 s flat: they cross near 350-450k rows.
 FULL_SCORING_RATIO = 16
 # Rows of (K+1) x d gathered at once on the gather route: about 8 MiB live at most.
 _GATHER_CHUNK_ELEMENTS = 1 << 21
