@@ -241,21 +241,27 @@ class CRDLoss(DistillLoss):
         self.sampler.to(device)
         return self
 
+    def _memory_keys(self) -> tuple[str, ...]:
+        # InfoNCE has no normaliser: its log Z would stay NaN ("unset") forever, and a
+        # checkpoint must hold only finite numbers (the engine refuses to write one that does not).
+        return ("student_bank", "teacher_bank") if self.objective == "infonce" else ("student_bank", "teacher_bank", "log_z")
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for key, value in self.memory.state_dict().items():
-            destination[prefix + "memory." + key] = value if keep_vars else value.detach()
+        state = self.memory.state_dict()
+        for key in self._memory_keys():
+            destination[prefix + "memory." + key] = state[key] if keep_vars else state[key].detach()
         destination[prefix + "sampler_state"] = torch.tensor([self._seed, self._sample_step], dtype=torch.long)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        memory = {}
-        for key in ("student_bank", "teacher_bank", "log_z"):
+        memory, keys = {}, self._memory_keys()
+        for key in keys:
             full = prefix + "memory." + key
             if full in state_dict:
                 memory[key] = state_dict.pop(full)
             elif strict:
                 missing_keys.append(full)
-        if len(memory) == 3:
+        if len(memory) == len(keys):
             try:
                 self.memory.load_state_dict(memory)
             except ValueError as err:

@@ -140,4 +140,5 @@ class ContrastMemory:
         device = self.student_bank.device
         self.student_bank = state["student_bank"].to(device=device, dtype=self.student_bank.dtype).clone()
         self.teacher_bank = state["teacher_bank"].to(device=device, dtype=self.teacher_bank.dtype).clone()
-        self.log_z = state["log_z"].to(device=device, dtype=torch.float64).clone()
+        if "log_z" in state:  # absent for critics without a normaliser (InfoNCE)
+            self.log_z = state["log_z"].to(device=device, dtype=torch.float64).clone()

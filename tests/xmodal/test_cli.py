@@ -75,3 +75,13 @@ def test_empty_folder_is_one_line_exit_2(tmp_path, capsys):
                  f"data.root={tmp_path / 'empty'}"])
     assert code == 2
     assert f"no images found under {tmp_path / 'empty' / 'train'}" in _error(capsys)
+
+
+def test_infonce_method_trains_and_checkpoints(tmp_path):
+    # An InfoNCE critic has no normaliser; its state once held an "unset" NaN log Z, which the
+    # engine's guard (rightly) refused to write into the epoch checkpoint.
+    out = tmp_path / "run"
+    args = [*TINY, "distill.methods=[infonce]", "distill.loss_options.infonce={nce_k: 32}", "protocols=[linear_probe]"]
+    assert main(["run", "lab-color-transfer", f"output_dir={out}", *args]) == 0
+    rows = json.loads((out / "report.json").read_text())["results"]
+    assert [(r["method"], r["protocol"]) for r in rows] == [("infonce", "linear_probe")]
