@@ -85,3 +85,19 @@ def test_infonce_method_trains_and_checkpoints(tmp_path):
     assert main(["run", "lab-color-transfer", f"output_dir={out}", *args]) == 0
     rows = json.loads((out / "report.json").read_text())["results"]
     assert [(r["method"], r["protocol"]) for r in rows] == [("infonce", "linear_probe")]
+
+
+def test_changed_loss_option_is_not_resumed_as_the_old_stage(tmp_path, capsys):
+    # A finished CRD stage trained at one temperature must not be reused for a run that asks for
+    # another: loss options are part of the stage's identity (once they were not, and the old
+    # student came back silently).
+    out = tmp_path / "run"
+    args = [*TINY, "distill.methods=[crd]", "protocols=[linear_probe]"]
+    assert main(["run", "lab-color-transfer", f"output_dir={out}", *args]) == 0
+    stage = out / "stages" / "distill-crd" / "final.pt"
+    before = stage.read_bytes()
+    capsys.readouterr()
+    assert main(["run", "lab-color-transfer", f"output_dir={out}", *args, "distill.loss_options.crd.nce_t=0.2"]) == 2
+    assert "'distill-crd' of a run with another configuration" in _error(capsys)
+    assert stage.read_bytes() == before  # nothing already written is lost
+    assert main(["run", "lab-color-transfer", f"output_dir={out}", *args]) == 0  # the same options still resume

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 import losses
 from losses import DistillLoss, Features
+from xmodal.config import to_dict
 from xmodal.engine import Engine, Stage
 from xmodal.errors import ConfigError
 from xmodal.schema import TrainConfig
@@ -165,7 +166,10 @@ def distill_stages(
         if spec.warm_start and epoch == 0:
             _warm_start_banks(engine, module, teacher_features, student_view, dataset)
 
-    record = {**dict(record), "method": method, "terms": terms, "warm_start": spec.warm_start}
+    # A stage's identity holds everything that changes what it trains: the terms and their
+    # weights, each term's loss options (K, temperature, momentum, ...), CE on labels, warm banks.
+    record = {**dict(record), "method": method, "terms": terms, "warm_start": spec.warm_start, "ce_weight": ce_weight,
+              "loss_options": {name: dict(loss_options.get(name, {})) for name in sorted(terms)}}
     stages = []
     for name, criterion in criteria.items():
         if criterion.needs_init_stage:
@@ -207,7 +211,8 @@ def _init_stage(engine: Engine, method: str, name: str, criterion: DistillLoss, 
     return Stage.on_schedule(
         cfg, name=f"distill-{method}-{name}-init", module=holder,
         step=lambda wrapped, batch: wrapped(student_view(batch), teacher_features(batch)),
-        dataset=dataset, config={**dict(record), "init": name}, on_epoch_start=getattr(dataset, "set_epoch", None),
+        dataset=dataset, config={**dict(record), "init": name, "init_train": to_dict(cfg)},
+        on_epoch_start=getattr(dataset, "set_epoch", None),
     )
 
 

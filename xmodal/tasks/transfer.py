@@ -196,12 +196,14 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     for method in cfg.distill.methods:
         t0 = time.perf_counter()
         student = new_student(method)
-        if method != "random":
-            for stage in stages_of(method, student, teacher):
-                engine.run(stage)
+        stages = stages_of(method, student, teacher) if method != "random" else []
+        for stage in stages:
+            engine.run(stage)
         timings[f"distill-{method}"] = time.perf_counter() - t0
+        # The finetune stage's identity includes the distillation it starts from, all of it.
+        distilled = stages[-1].config if stages else None
         rows.extend(_judge(cfg, engine, method, student, probe_train, finetune_train, probe_test, views, num_classes,
-                           record, timings))
+                           record, distilled, timings))
     return {
         "results": rows,
         "teacher": {"top1": teacher_result["top1"], "view": modality.teacher_view, "arch": cfg.teacher.model.arch},
@@ -210,7 +212,7 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
 
 
 def _judge(cfg, engine, method, student, probe_train, finetune_train, probe_test, views, num_classes, record,
-           timings) -> list[dict[str, Any]]:
+           distilled, timings) -> list[dict[str, Any]]:
     rows = []
     if "linear_probe" in cfg.protocols:
         t0 = time.perf_counter()
@@ -222,7 +224,7 @@ def _judge(cfg, engine, method, student, probe_train, finetune_train, probe_test
         student.reset_classifier(num_classes)
         stage = supervised_stage(f"finetune-{method}", student, finetune_train, views.student, cfg.finetune,
                                   {"finetune": record["finetune"], "method": method, "data": record["data"],
-                                   "distill": record["distill"]["train"], "teacher": record["teacher"],
+                                   "distill": distilled, "teacher": record["teacher"],
                                    "student": record["student"], "seed": cfg.seed})
         result = engine.run(stage, lambda: {"top1": classify_top1(engine, student, probe_test, views.student,
                                                                  desc=f"finetune-{method} test")})
