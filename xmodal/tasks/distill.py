@@ -40,6 +40,8 @@ PRESETS: dict[str, Method] = {
     "crd_kd": Method({"crd": 0.8, "kd": 1.0}),
     "crd_warm": Method({"crd": 0.8}, warm_start=True),
     "crd_kd_warm": Method({"crd": 0.8, "kd": 1.0}, warm_start=True),
+    # The same critic, banks and draws with InfoNCE (softmax over 1 + K) in place of NCE.
+    "infonce_warm": Method({"infonce": 0.8}, warm_start=True),
 }
 #: Losses that read the networks' logits: the student then needs the teacher's classifier shape.
 LOGIT_LOSSES = {"kd"}
