@@ -61,6 +61,13 @@ class DistillLoss(nn.Module):
         """The loss for one batch, read from the two networks' features."""
         raise NotImplementedError
 
+    def diagnostics(self) -> dict[str, Tensor]:
+        """Figures of the last forward worth watching during training (not part of the loss).
+
+        The training loop logs them beside the loss terms, prefixed with the loss's name.
+        """
+        return {}
+
     def init_stage_loss(self, student: Optional[Features], teacher: Features) -> Tensor:
         """The loss minimised during the first stage (only when ``needs_init_stage``).
 

@@ -138,6 +138,7 @@ class CRDLoss(DistillLoss):
         # Negatives of step t come from a generator seeded by (seed, t): a counter is the whole
         # sampler state, identical on every rank and portable between devices.
         self._sample_step = 0
+        self._watched: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ API
     @classmethod
@@ -170,8 +171,19 @@ class CRDLoss(DistillLoss):
             logits_s = bank_scores(v_s / self.nce_t, self.memory.teacher_bank, contrast_idx, self.scoring)
             logits_t = bank_scores(v_t / self.nce_t, self.memory.student_bank, contrast_idx, self.scoring)
             loss = self._objective(logits_s, 0) + self._objective(logits_t, 1)
+            self._watch(logits_s.detach(), logits_t.detach())
         self.memory.queue_update(index, v_s.detach(), v_t.detach())
         return loss
+
+    def diagnostics(self) -> dict[str, Tensor]:
+        """Mean cosine of each anchor with its positive bank row and with its negatives.
+
+        Averaged over both directions (student anchors vs the teacher bank and the reverse), for
+        the last batch. Their gap is what the critic has learnt to tell apart: a loss can fall
+        while it stays near zero (all embeddings drifting together), and then the student has
+        learnt little.
+        """
+        return dict(self._watched)
 
     @torch.no_grad()
     def warm_start(self, f_s: Tensor, f_t: Tensor, index: Tensor) -> None:
@@ -186,6 +198,13 @@ class CRDLoss(DistillLoss):
             self.memory.write(index.to(self.memory.student_bank.device), *self._embed(f_s, f_t))
 
     # ------------------------------------------------------------- internals
+    def _watch(self, logits_s: Tensor, logits_t: Tensor) -> None:
+        # Two sums over the contiguous score matrices: negligible next to the scoring itself.
+        k = logits_s.shape[1] - 1
+        pos = (logits_s[:, 0].sum() + logits_t[:, 0].sum()) / (2 * logits_s.shape[0])
+        total = (logits_s.sum() + logits_t.sum()) / (2 * logits_s.shape[0])
+        self._watched = {"pos_cos": pos * self.nce_t, "neg_cos": (total - pos) / k * self.nce_t}
+
     def _embed(self, f_s: Tensor, f_t: Tensor) -> tuple[Tensor, Tensor]:
         # float32 under any autocast; float64 only when the heads were made double (gradcheck).
         dtype = torch.float64 if self.embed_s.linear.weight.dtype == torch.float64 else torch.float32

@@ -391,3 +391,23 @@ def test_registry_builds_crd():
     assert isinstance(crd, CRDLoss) and crd.nce_k == 4
     with pytest.raises(ValueError, match="did you mean 'crd'"):
         losses.build("cdr")
+
+
+@pytest.mark.parametrize("route", ["full", "gather"])
+def test_diagnostics_are_the_mean_positive_and_negative_cosines(route):
+    torch.manual_seed(11)
+    crd = CRDLoss(6, 5, 40, feat_dim=8, nce_k=12, scoring=route)
+    crd(torch.randn(8, 6), torch.randn(8, 5), torch.randperm(40)[:8])  # banks now hold real rows
+    f_s, f_t, index = torch.randn(8, 6), torch.randn(8, 5), torch.randperm(40)[:8]
+    idx = torch.randint(0, 40, (8, 13))
+    idx[:, 0] = index
+    crd.memory.flush()
+    with torch.no_grad():  # written out: cosines of unit embeddings with unit bank rows, both ways
+        v_s = F.normalize(crd.embed_s.linear(f_s), dim=1)
+        v_t = F.normalize(crd.embed_t.linear(f_t), dim=1)
+        cos_s = torch.stack([crd.memory.teacher_bank[idx[b]] @ v_s[b] for b in range(8)])
+        cos_t = torch.stack([crd.memory.student_bank[idx[b]] @ v_t[b] for b in range(8)])
+    crd(f_s, f_t, index, contrast_idx=idx)
+    seen = crd.diagnostics()
+    torch.testing.assert_close(seen["pos_cos"], (cos_s[:, 0].mean() + cos_t[:, 0].mean()) / 2)
+    torch.testing.assert_close(seen["neg_cos"], (cos_s[:, 1:].mean() + cos_t[:, 1:].mean()) / 2)

@@ -96,6 +96,10 @@ def test_changed_loss_option_is_not_resumed_as_the_old_stage(tmp_path, capsys):
     assert main(["run", "lab-color-transfer", f"output_dir={out}", *args]) == 0
     stage = out / "stages" / "distill-crd" / "final.pt"
     before = stage.read_bytes()
+    # the critic's positive and negative cosines are logged beside the loss, not added to it
+    epoch = json.loads((out / "stages" / "distill-crd" / "result.json").read_text())["history"][0]
+    assert -1 <= epoch["crd_neg_cos"] <= 1 and -1 <= epoch["crd_pos_cos"] <= 1
+    assert epoch["loss"] == pytest.approx(epoch["crd"])
     capsys.readouterr()
     assert main(["run", "lab-color-transfer", f"output_dir={out}", *args, "distill.loss_options.crd.nce_t=0.2"]) == 2
     assert "'distill-crd' of a run with another configuration" in _error(capsys)

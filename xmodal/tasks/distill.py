@@ -97,7 +97,10 @@ class DistillModule(nn.Module):
             if self.weights[name]:
                 terms[name] = self.weights[name] * criterion.forward_features(student, teacher, index, labels)
         total = sum(terms.values()) if terms else student.pooled.sum() * 0.0
-        return {"loss": total, **terms}
+        # Logged beside the terms, never summed into the loss (e.g. crd_pos_cos, crd_neg_cos).
+        watched = {f"{name}_{key}": value for name, criterion in self.criteria.items() if self.weights[name]
+                   for key, value in criterion.diagnostics().items()}
+        return {"loss": total, **terms, **watched}
 
 
 def build_criteria(terms: Mapping[str, float], student: nn.Module, teacher: nn.Module, student_in: Tensor,
