@@ -121,6 +121,8 @@ class CRDLoss(DistillLoss):
             raise ValueError(f"objective={objective!r}: expected one of {OBJECTIVES}")
         if normaliser not in NORMALISERS:
             raise ValueError(f"normaliser={normaliser!r}: expected one of {NORMALISERS}")
+        if not 0.0 <= z_momentum < 1.0:
+            raise ValueError(f"z_momentum={z_momentum}: expected a momentum in [0, 1) (0: Z from each batch alone)")
         if nce_t <= 0:
             raise ValueError(f"nce_t={nce_t}: expected a positive temperature")
         if bank_dtype not in _BANK_DTYPES:

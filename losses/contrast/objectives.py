@@ -106,4 +106,6 @@ def update_log_z(log_z: Tensor, batch: Tensor, mode: str, momentum: float) -> Te
         return batch
     if mode == "once":
         return log_z
+    if momentum == 0.0:  # log(0): Z is the batch's own
+        return batch
     return torch.logaddexp(log_z + math.log(momentum), batch + math.log1p(-momentum))

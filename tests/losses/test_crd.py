@@ -373,6 +373,20 @@ def test_k_larger_than_available_negatives():
         CRDLoss(8, 6, 50, nce_k=30, negatives="class", labels=labels)
 
 
+def test_bad_z_momentum_and_momentum_zero():
+    for bad in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=rf"z_momentum={bad}: expected a momentum in \[0, 1\)"):
+            CRDLoss(8, 6, 50, nce_k=5, normaliser="ema", z_momentum=bad)
+    # momentum 0: Z is each batch's own, the same as a fresh "once" normaliser set on that batch
+    torch.manual_seed(2)
+    ema = CRDLoss(8, 6, 50, nce_k=5, normaliser="ema", z_momentum=0.0)
+    batches = [(torch.randn(4, 8), torch.randn(4, 6), torch.randperm(50)[:4]) for _ in range(2)]
+    ema(*batches[0])
+    once = CRDLoss(8, 6, 50, nce_k=5)
+    once.load_state_dict({**ema.state_dict(), "memory.log_z": torch.full((2,), float("nan"), dtype=torch.float64)})
+    torch.testing.assert_close(ema(*batches[1]), once(*batches[1]))
+
+
 def test_class_aware_without_labels():
     with pytest.raises(ValueError, match="negatives='class' needs labels"):
         CRDLoss(8, 6, 50, nce_k=5, negatives="class")
