@@ -105,3 +105,16 @@ def test_changed_loss_option_is_not_resumed_as_the_old_stage(tmp_path, capsys):
     assert "'distill-crd' of a run with another configuration" in _error(capsys)
     assert stage.read_bytes() == before  # nothing already written is lost
     assert main(["run", "lab-color-transfer", f"output_dir={out}", *args]) == 0  # the same options still resume
+
+
+def test_first_stage_identity_holds_its_own_schedule(tmp_path, capsys):
+    # FT trains its paraphraser first (distill.init_train); that schedule is part of the first
+    # stage's identity, so a run asking for another one is refused instead of reusing it.
+    out = tmp_path / "run"
+    args = [*TINY, "distill.methods=[ft]", "protocols=[linear_probe]", "distill.init_train.epochs=1"]
+    assert main(["run", "lab-color-transfer", f"output_dir={out}", *args]) == 0
+    assert (out / "stages" / "distill-ft-ft-init" / "final.pt").exists()
+    capsys.readouterr()
+    assert main(["run", "lab-color-transfer", f"output_dir={out}", *args, "distill.init_train.epochs=2"]) == 2
+    assert "'distill-ft-ft-init' of a run with another configuration" in _error(capsys)
+    assert main(["run", "lab-color-transfer", f"output_dir={out}", *args]) == 0
