@@ -202,9 +202,11 @@ def run_rgbd(cfg: RGBDConfig, engine: Engine) -> dict[str, Any]:
     teacher = _teacher(cfg, engine, modality.teacher_channels)
     record = to_dict(cfg)
     data_key = {k: v for k, v in record["data"].items() if k != "num_workers"}  # workers change no result
+    # distill_stages adds the rest of a distillation's identity (terms, each term's options, warm
+    # banks, a first stage's schedule): recording every method's options here as well made one
+    # method's stages depend on another's.
     distill_key = {"student": record["student"], "teacher": record["teacher"], "data": data_key,
-                   "modality": record["modality"], "seed": cfg.seed,
-                   "distill": {**record["distill"], "methods": None, "loss_options": loss_options}}
+                   "modality": record["modality"], "seed": cfg.seed, "distill": record["distill"]["train"]}
     seg_key = {k: v for k, v in record["segmentation"].items() if k not in ("eval_batch_size", "pictures", "encoder_modes")}
     timings: dict[str, float] = {}
     rows: list[dict[str, Any]] = []
@@ -214,18 +216,19 @@ def run_rgbd(cfg: RGBDConfig, engine: Engine) -> dict[str, Any]:
         t0 = time.perf_counter()
         student = build_backbone(cfg.student, modality.student_channels,
                                  cfg.teacher.num_classes if needs_logits(method) else 0, cfg.seed + 1)
-        if method != "random":
-            for stage in distill_stages(engine, method, student, teacher, distill_set, teacher_view, student_view,
-                                        cfg.distill.train, weights=cfg.distill.weights, loss_options=loss_options,
-                                        init_cfg=cfg.distill.init_train, warm_start=cfg.distill.warm_start,
-                                        record=distill_key, sample=sample):
-                engine.run(stage)
+        stages = [] if method == "random" else distill_stages(
+            engine, method, student, teacher, distill_set, teacher_view, student_view, cfg.distill.train,
+            weights=cfg.distill.weights, loss_options=loss_options, init_cfg=cfg.distill.init_train,
+            warm_start=cfg.distill.warm_start, record=distill_key, sample=sample)
+        for stage in stages:
+            engine.run(stage)
         timings[f"distill-{method}"] = time.perf_counter() - t0
+        distilled = stages[-1].config if stages else None  # the segmentation starts from this student
         for mode in cfg.segmentation.encoder_modes:
             t0 = time.perf_counter()
             result = _segment(cfg, engine, method, mode, student, seg_train, seg_test, student_view, len(classes),
-                              {**distill_key, "method": method, "mode": mode, "segmentation": seg_key,
-                               "split": split_info})
+                              {**distill_key, "method": method, "distilled": distilled, "mode": mode,
+                               "segmentation": seg_key, "split": split_info})
             timings[f"segment-{method}-{mode}"] = time.perf_counter() - t0
             rows += [{"method": method, "protocol": "segmentation", "metric": metric, "value": result[metric],
                       "encoder": mode} for metric in ("pixel_acc", "miou")]
