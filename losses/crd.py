@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from losses.base import DistillLoss
 from losses.contrast.distributed import all_gather_rows
-from losses.contrast.memory import ContrastMemory
+from losses.contrast.memory import STATE_KEYS, ContrastMemory
 from losses.contrast.objectives import OBJECTIVES, NORMALISERS, batch_log_z, infonce_loss, nce_loss, update_log_z
 from losses.contrast.sampling import NegativeSampler
 from losses.contrast.scoring import bank_scores, choose_scoring
@@ -265,7 +265,7 @@ class CRDLoss(DistillLoss):
     def _memory_keys(self) -> tuple[str, ...]:
         # InfoNCE has no normaliser: its log Z would stay NaN ("unset") forever, and a
         # checkpoint must hold only finite numbers (the engine refuses to write one that does not).
-        return ("student_bank", "teacher_bank") if self.objective == "infonce" else ("student_bank", "teacher_bank", "log_z")
+        return tuple(k for k in STATE_KEYS if k != "log_z") if self.objective == "infonce" else STATE_KEYS
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -91,15 +91,14 @@ class DistillModule(nn.Module):
     def forward(self, student_view: Tensor, teacher: Features, index: Tensor, labels: Optional[Tensor]) -> dict[str, Tensor]:
         student = self.student(student_view, preact=self.preact)
         terms: dict[str, Tensor] = {}
+        watched: dict[str, Tensor] = {}  # logged beside the terms, never summed into the loss
         if self.ce_weight and labels is not None and student.logits is not None and bool((labels >= 0).all()):
             terms["ce"] = self.ce_weight * F.cross_entropy(student.logits, labels)
         for name, criterion in self.criteria.items():
             if self.weights[name]:
                 terms[name] = self.weights[name] * criterion.forward_features(student, teacher, index, labels)
+                watched.update({f"{name}_{key}": value for key, value in criterion.diagnostics().items()})
         total = sum(terms.values()) if terms else student.pooled.sum() * 0.0
-        # Logged beside the terms, never summed into the loss (e.g. crd_pos_cos, crd_neg_cos).
-        watched = {f"{name}_{key}": value for name, criterion in self.criteria.items() if self.weights[name]
-                   for key, value in criterion.diagnostics().items()}
         return {"loss": total, **terms, **watched}
 
 
