@@ -203,9 +203,8 @@ def student_stage(cfg: EnsembleConfig, engine: Engine, method: str, members: Seq
         config.update(teachers=[to_dict(m) for m in members], teacher_train=to_dict(cfg.teachers.train),
                       teacher_weights=list(weights))
     if terms.get("crd"):
-        config.update(crd=cfg.distill.crd, warm_start=cfg.distill.warm_start)
-        if cfg.distill.split_crd_weight:  # recorded only when on: earlier runs keep their fingerprints
-            config.update(split_crd_weight=True)
+        config.update(crd=cfg.distill.crd, warm_start=cfg.distill.warm_start,
+                      split_crd_weight=cfg.distill.split_crd_weight)
     if terms.get("kd"):
         config.update(kd_T=cfg.distill.kd_T)
     name = "ce" if method == "ce" else f"{method}-m{len(teachers)}"
