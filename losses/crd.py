@@ -31,7 +31,7 @@ from losses.contrast.distributed import all_gather_rows
 from losses.contrast.memory import STATE_KEYS, ContrastMemory
 from losses.contrast.objectives import OBJECTIVES, NORMALISERS, batch_log_z, infonce_loss, nce_loss, update_log_z
 from losses.contrast.sampling import NegativeSampler
-from losses.contrast.scoring import bank_scores, choose_scoring
+from losses.contrast.scoring import ScoreWorkspace, bank_scores, choose_scoring
 from losses.features import Features
 from losses.registry import register
 
@@ -134,6 +134,7 @@ class CRDLoss(DistillLoss):
         self.embed_t = Embed(self.teacher_dim, feat_dim)
         self.sampler = NegativeSampler(self.n_data, self.nce_k, negatives, positive, labels, replacement)
         self.scoring = choose_scoring(scoring, self.n_data, self.nce_k)
+        self._workspace = ScoreWorkspace()
         init = torch.Generator().manual_seed(seed)
         self.memory = ContrastMemory(self.n_data, feat_dim, nce_m, _BANK_DTYPES[bank_dtype], init)
         self._seed = int(seed)
@@ -170,8 +171,8 @@ class CRDLoss(DistillLoss):
             contrast_idx = self.sample_contrast(index) if contrast_idx is None else contrast_idx.to(index.device)
             # Student anchors against the teacher bank, teacher anchors against the student bank.
             # Scaling the B anchors by 1/tau is cheaper than scaling the B x (K+1) scores.
-            logits_s = bank_scores(v_s / self.nce_t, self.memory.teacher_bank, contrast_idx, self.scoring)
-            logits_t = bank_scores(v_t / self.nce_t, self.memory.student_bank, contrast_idx, self.scoring)
+            logits_s = bank_scores(v_s / self.nce_t, self.memory.teacher_bank, contrast_idx, self.scoring, self._workspace)
+            logits_t = bank_scores(v_t / self.nce_t, self.memory.student_bank, contrast_idx, self.scoring, self._workspace)
             loss = self._objective(logits_s, 0) + self._objective(logits_t, 1)
             self._watch(logits_s.detach(), logits_t.detach())
         self.memory.queue_update(index, v_s.detach(), v_t.detach())

@@ -13,6 +13,11 @@ into ``(B, N)`` and one matmul, on the gather route a weighted ``embedding_bag``
 materialises the gathered rows. The bank is saved for backward
 without a copy; autograd's version counter turns any in-place bank update between forward and
 backward into a loud error instead of a silently wrong gradient.
+
+On the CPU the full route's two ``(N, B)`` scratch matrices (the scores before the column pick,
+the scattered gradient) live in a :class:`ScoreWorkspace` owned by the loss and reused every
+step. A fresh 12.8 MiB tensor (N = 50k) is handed back to the OS when freed and page-faulted
+in again at the next step, which costs about as much as filling it.
 """
 from __future__ import annotations
 
@@ -40,15 +45,39 @@ def choose_scoring(mode: str, n_data: int, k: int) -> str:
     return "full" if n_data <= FULL_SCORING_RATIO * (k + 1) else "gather"
 
 
+class ScoreWorkspace:
+    """Scratch matrices of the full route, kept between steps (CPU only; see module docstring).
+
+    Each buffer is dead once the call that filled it returns (the scores after the column pick,
+    the gradient after its matmul), so the two directions of a critic and successive steps share
+    them. Not part of any state: it holds nothing a checkpoint needs.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """An uninitialised ``shape`` tensor of ``like``'s dtype and device (reused on the CPU)."""
+        if like.device.type != "cpu":  # the CUDA caching allocator already keeps its blocks
+            return like.new_empty(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype:
+            buf = self._buffers[name] = like.new_empty(shape)
+        return buf
+
+
 class _BankScores(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, anchors: Tensor, bank: Tensor, idx: Tensor, route: str) -> Tensor:
+    def forward(ctx, anchors: Tensor, bank: Tensor, idx: Tensor, route: str, workspace) -> Tensor:
         ctx.save_for_backward(bank, idx)
         ctx.route = route
+        ctx.workspace = workspace
         if route == "full":
             # (N, d) @ (d, B) rather than (B, d) @ (d, N): the same products, but the layout
             # BLAS runs fastest on this skinny shape (benchmarks/contrastive_core.py).
-            return torch.gather((bank.to(anchors.dtype) @ anchors.T).T, 1, idx)
+            scores = workspace.get("scores", (bank.shape[0], anchors.shape[0]), anchors)
+            torch.mm(bank.to(anchors.dtype), anchors.T, out=scores)
+            return torch.gather(scores.T, 1, idx)
         out = anchors.new_empty(idx.shape)
         for rows, picked in _gathered_chunks(bank, idx, anchors.dtype):
             out[rows] = torch.bmm(picked, anchors[rows, :, None])[..., 0]
@@ -60,7 +89,8 @@ class _BankScores(torch.autograd.Function):
         if ctx.route == "full":
             # Scatter the K+1 column gradients into a (B, N) matrix and use one matmul: at the
             # bank sizes where "full" is chosen this beats gathering B*(K+1) rows again.
-            dense = grad_scores.new_zeros((idx.shape[0], bank.shape[0])).scatter_add_(1, idx, grad_scores)
+            dense = ctx.workspace.get("grad", (idx.shape[0], bank.shape[0]), grad_scores).zero_()
+            dense.scatter_add_(1, idx, grad_scores)
             grad_anchors = (bank.to(dense.dtype).T @ dense.T).T
         elif bank.dtype == grad_scores.dtype:
             grad_anchors = F.embedding_bag(idx, bank, per_sample_weights=grad_scores, mode="sum")
@@ -68,7 +98,7 @@ class _BankScores(torch.autograd.Function):
             grad_anchors = grad_scores.new_empty((idx.shape[0], bank.shape[1]))
             for rows, picked in _gathered_chunks(bank, idx, grad_scores.dtype):
                 grad_anchors[rows] = torch.bmm(grad_scores[rows, None, :], picked)[:, 0]
-        return grad_anchors, None, None, None
+        return grad_anchors, None, None, None, None
 
 
 def _gathered_chunks(bank: Tensor, idx: Tensor, dtype: torch.dtype):
@@ -86,7 +116,7 @@ def _gathered_chunks(bank: Tensor, idx: Tensor, dtype: torch.dtype):
         yield rows, picked.view(-1, idx.shape[1], bank.shape[1]).to(dtype)
 
 
-def bank_scores(anchors: Tensor, bank: Tensor, idx: Tensor, route: str) -> Tensor:
+def bank_scores(anchors: Tensor, bank: Tensor, idx: Tensor, route: str, workspace: ScoreWorkspace | None = None) -> Tensor:
     """Inner products of each anchor with its selected bank rows.
 
     Args:
@@ -94,8 +124,9 @@ def bank_scores(anchors: Tensor, bank: Tensor, idx: Tensor, route: str) -> Tenso
         bank: ``(N, d)`` memory bank (treated as a constant).
         idx: ``(B, K+1)`` long, rows of ``bank`` per anchor.
         route: ``"full"`` or ``"gather"`` (see :func:`choose_scoring`).
+        workspace: scratch kept between calls (a loss owns one); ``None``: a fresh one.
 
     Returns:
         ``(B, K+1)`` scores in ``anchors``' dtype.
     """
-    return _BankScores.apply(anchors, bank.detach(), idx, route)
+    return _BankScores.apply(anchors, bank.detach(), idx, route, workspace or ScoreWorkspace())

@@ -17,7 +17,7 @@ from losses.contrast.memory import last_occurrence
 from losses.contrast.objectives import infonce_loss, nce_loss
 from losses.contrast.reference import PlainCRD
 from losses.contrast.sampling import NegativeSampler, sample_without_replacement
-from losses.contrast.scoring import bank_scores
+from losses.contrast.scoring import ScoreWorkspace, bank_scores
 from losses.crd import CRDLoss
 
 EPS = 1e-7
@@ -83,6 +83,24 @@ def test_full_and_gather_routes_agree():
     expected_grad = torch.einsum("bj,bjd->bd", weights, bank[idx])
     torch.testing.assert_close(grads[0], expected_grad)
     torch.testing.assert_close(grads[1], expected_grad)
+
+
+def test_reused_workspace_keeps_each_call_its_own_scores_and_gradient():
+    # Two banks scored through one workspace before a single backward (the two directions of a
+    # critic, or two accumulated micro-batches): the scratch is overwritten between the calls,
+    # so each call's scores and gradient must not depend on it afterwards.
+    torch.manual_seed(5)
+    workspace = ScoreWorkspace()
+    banks = [torch.randn(50, 8, dtype=torch.float64) for _ in range(2)]
+    idx = [torch.randint(0, 50, (6, 9)) for _ in range(2)]
+    weights = [torch.randn(6, 9, dtype=torch.float64) for _ in range(2)]
+    a = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    scores = [bank_scores(a, banks[i], idx[i], "full", workspace) for i in range(2)]
+    for i in range(2):
+        torch.testing.assert_close(scores[i], torch.einsum("bjd,bd->bj", banks[i][idx[i]], a.detach()))
+    sum((s * w).sum() for s, w in zip(scores, weights)).backward()
+    expected = sum(torch.einsum("bj,bjd->bd", weights[i], banks[i][idx[i]]) for i in range(2))
+    torch.testing.assert_close(a.grad, expected)
 
 
 @pytest.mark.parametrize("route", ["full", "gather"])
