@@ -10,7 +10,7 @@ import torch
 from xmodal.errors import ConfigError
 from xmodal.modalities import build_modality
 from xmodal.modalities.depth import encode_depth
-from xmodal.modalities.lab import LAB_MEAN, LAB_STD
+from xmodal.modalities.lab import LAB_MEAN, LAB_STD, normalised_lab
 
 
 def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
@@ -40,6 +40,36 @@ def test_lab_views_match_textbook_conversion():
     expected = srgb_to_lab(image.permute(0, 2, 3, 1).numpy() / 255.0)
     np.testing.assert_allclose(_denormalise(teacher, slice(0, 1))[..., 0], expected[..., 0], atol=0.05)
     np.testing.assert_allclose(_denormalise(student, slice(1, 3)), expected[..., 1:], atol=0.1)
+
+
+def _kornia_normalised(rgb: torch.Tensor) -> torch.Tensor:
+    from kornia.color import rgb_to_lab
+
+    mean = torch.tensor(LAB_MEAN)[None, :, None, None]
+    std = torch.tensor(LAB_STD)[None, :, None, None]
+    return (rgb_to_lab(rgb) - mean) / std
+
+
+def test_fused_lab_matches_kornia_on_every_8bit_level_and_on_floats():
+    # Every 8-bit level in every channel, and dark colours whose XYZ falls below CIE's knee
+    # (the linear piece of f) as well as bright ones; then arbitrary floats in [0, 1].
+    levels = torch.arange(256, dtype=torch.uint8)
+    image = torch.stack([levels, levels.roll(85), levels.flip(0)])[None, :, None, :]  # (1, 3, 1, 256)
+    dark = torch.randint(0, 12, (2, 3, 5, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    for batch in (image, dark):
+        t = (_kornia_normalised(batch.float() / 255) - normalised_lab(batch)).abs().max()
+        assert float(t) < 1e-4, float(t)
+    assert bool((normalised_lab(dark)[:, 0] * 25 + 50 < 3).all())  # really below the knee: L* < 3
+    floats = torch.rand(3, 3, 7, 7, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(normalised_lab(floats), _kornia_normalised(floats), atol=1e-4, rtol=0)
+
+
+def test_fused_lab_ignores_autocast():
+    image = torch.randint(0, 256, (2, 3, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = normalised_lab(image)
+    assert inside.dtype == torch.float32
+    assert torch.equal(inside, normalised_lab(image))
 
 
 def test_lab_known_colours():
