@@ -76,7 +76,7 @@ class _BankScores(torch.autograd.Function):
             # (N, d) @ (d, B) rather than (B, d) @ (d, N): the same products, but the layout
             # BLAS runs fastest on this skinny shape (benchmarks/contrastive_core.py).
             scores = workspace.get("scores", (bank.shape[0], anchors.shape[0]), anchors)
-            torch.mm(bank.to(anchors.dtype), anchors.T, out=scores)
+            torch.mm(_as_dtype(bank, anchors, workspace), anchors.T, out=scores)
             return torch.gather(scores.T, 1, idx)
         out = anchors.new_empty(idx.shape)
         for rows, picked in _gathered_chunks(bank, idx, anchors.dtype):
@@ -91,7 +91,7 @@ class _BankScores(torch.autograd.Function):
             # bank sizes where "full" is chosen this beats gathering B*(K+1) rows again.
             dense = ctx.workspace.get("grad", (idx.shape[0], bank.shape[0]), grad_scores).zero_()
             dense.scatter_add_(1, idx, grad_scores)
-            grad_anchors = (bank.to(dense.dtype).T @ dense.T).T
+            grad_anchors = (_as_dtype(bank, dense, ctx.workspace).T @ dense.T).T
         elif bank.dtype == grad_scores.dtype:
             grad_anchors = F.embedding_bag(idx, bank, per_sample_weights=grad_scores, mode="sum")
         else:  # a low-precision bank: upcast only the rows in use
@@ -99,6 +99,13 @@ class _BankScores(torch.autograd.Function):
             for rows, picked in _gathered_chunks(bank, idx, grad_scores.dtype):
                 grad_anchors[rows] = torch.bmm(grad_scores[rows, None, :], picked)[:, 0]
         return grad_anchors, None, None, None, None
+
+
+def _as_dtype(bank: Tensor, like: Tensor, workspace: ScoreWorkspace) -> Tensor:
+    """``bank`` in ``like``'s dtype; a low-precision bank is upcast into the workspace."""
+    if bank.dtype == like.dtype:
+        return bank
+    return workspace.get("bank", tuple(bank.shape), like).copy_(bank)
 
 
 def _gathered_chunks(bank: Tensor, idx: Tensor, dtype: torch.dtype):

@@ -85,17 +85,20 @@ def test_full_and_gather_routes_agree():
     torch.testing.assert_close(grads[1], expected_grad)
 
 
-def test_reused_workspace_keeps_each_call_its_own_scores_and_gradient():
+@pytest.mark.parametrize("bank_dtype", [torch.float64, torch.float16])
+def test_reused_workspace_keeps_each_call_its_own_scores_and_gradient(bank_dtype):
     # Two banks scored through one workspace before a single backward (the two directions of a
     # critic, or two accumulated micro-batches): the scratch is overwritten between the calls,
-    # so each call's scores and gradient must not depend on it afterwards.
+    # so each call's scores and gradient must not depend on it afterwards. A float16 bank is
+    # upcast into the workspace too.
     torch.manual_seed(5)
     workspace = ScoreWorkspace()
-    banks = [torch.randn(50, 8, dtype=torch.float64) for _ in range(2)]
+    banks = [torch.randn(50, 8, dtype=torch.float64).to(bank_dtype).double() for _ in range(2)]
+    stored = [bank.to(bank_dtype) for bank in banks]
     idx = [torch.randint(0, 50, (6, 9)) for _ in range(2)]
     weights = [torch.randn(6, 9, dtype=torch.float64) for _ in range(2)]
     a = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
-    scores = [bank_scores(a, banks[i], idx[i], "full", workspace) for i in range(2)]
+    scores = [bank_scores(a, stored[i], idx[i], "full", workspace) for i in range(2)]
     for i in range(2):
         torch.testing.assert_close(scores[i], torch.einsum("bjd,bd->bj", banks[i][idx[i]], a.detach()))
     sum((s * w).sum() for s, w in zip(scores, weights)).backward()
