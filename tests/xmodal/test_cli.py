@@ -87,6 +87,22 @@ def test_infonce_method_trains_and_checkpoints(tmp_path):
     assert [(r["method"], r["protocol"]) for r in rows] == [("infonce", "linear_probe")]
 
 
+def test_batch_z_preset_fixes_the_normaliser_and_keeps_the_recipes_other_options(tmp_path):
+    from xmodal.tasks.distill import method_loss_options, resolve_method
+
+    recipe = {"crd": {"nce_k": 32, "nce_t": 0.1, "normaliser": "once"}, "kd": {"T": 2.0}}
+    merged = method_loss_options(resolve_method("crd_batchz_warm", {}), recipe)
+    assert merged == {"crd": {"nce_k": 32, "nce_t": 0.1, "normaliser": "ema", "z_momentum": 0.0}, "kd": {"T": 2.0}}
+    assert method_loss_options(resolve_method("crd_warm", {}), recipe) == recipe
+    assert recipe["crd"]["normaliser"] == "once"  # the recipe's own mapping is not modified
+    # Both in one run: two stages, two rows per protocol.
+    out = tmp_path / "run"
+    args = [*TINY, "distill.methods=[crd_warm,crd_batchz_warm]", "protocols=[linear_probe]"]
+    assert main(["run", "lab-color-transfer", f"output_dir={out}", *args]) == 0
+    rows = json.loads((out / "report.json").read_text())["results"]
+    assert [r["method"] for r in rows] == ["crd_warm", "crd_batchz_warm"]
+
+
 def test_changed_loss_option_is_not_resumed_as_the_old_stage(tmp_path, capsys):
     # A finished CRD stage trained at one temperature must not be reused for a run that asks for
     # another: loss options are part of the stage's identity (once they were not, and the old
