@@ -106,6 +106,8 @@ def test_bad_views_and_names():
         build_modality("labb")
     with pytest.raises(ValueError, match=r"expected \(B, 3, H, W\)"):
         build_modality("lab")({"image": torch.zeros(2, 1, 4, 4, dtype=torch.uint8)})
+    with pytest.raises(ValueError, match=r"shape \(3, 4, 4\): expected \(B, 3, H, W\)"):
+        normalised_lab(torch.zeros(3, 4, 4, dtype=torch.uint8))  # one image without its batch axis
 
 
 @pytest.mark.parametrize("encoding", ["log", "inverse", "linear"])

@@ -68,11 +68,16 @@ class Modality:
         return out[self.teacher_view], out[self.student_view]
 
 
-def image_as_float(batch: Mapping[str, Tensor]) -> Tensor:
-    """``batch["image"]`` as float RGB in [0, 1], ``(B, 3, H, W)`` (uint8 input is divided by 255)."""
-    image = batch["image"]
+def check_rgb(image: Tensor) -> Tensor:
+    """``image`` itself, once it is known to be a ``(B, 3, H, W)`` RGB batch (ValueError otherwise)."""
     if image.dim() != 4 or image.shape[1] != 3:
         raise ValueError(f"batch['image'] has shape {tuple(image.shape)}: expected (B, 3, H, W) RGB")
+    return image
+
+
+def image_as_float(batch: Mapping[str, Tensor]) -> Tensor:
+    """``batch["image"]`` as float RGB in [0, 1], ``(B, 3, H, W)`` (uint8 input is divided by 255)."""
+    image = check_rgb(batch["image"])
     return image.float().div_(255.0) if image.dtype == torch.uint8 else image.float()
 
 
