@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from xmodal import __version__
 from xmodal.cli import main
@@ -95,12 +96,17 @@ def test_batch_z_preset_fixes_the_normaliser_and_keeps_the_recipes_other_options
     assert merged == {"crd": {"nce_k": 32, "nce_t": 0.1, "normaliser": "ema", "z_momentum": 0.0}, "kd": {"T": 2.0}}
     assert method_loss_options(resolve_method("crd_warm", {}), recipe) == recipe
     assert recipe["crd"]["normaliser"] == "once"  # the recipe's own mapping is not modified
-    # Both in one run: two stages, two rows per protocol.
+    # Both in one run. Every method's student starts from the same seed and sees the same
+    # batches, so with Z set once both critics would end holding the first batch's Z; the preset's
+    # critic must end with another (its last batch's).
     out = tmp_path / "run"
     args = [*TINY, "distill.methods=[crd_warm,crd_batchz_warm]", "protocols=[linear_probe]"]
     assert main(["run", "lab-color-transfer", f"output_dir={out}", *args]) == 0
     rows = json.loads((out / "report.json").read_text())["results"]
     assert [r["method"] for r in rows] == ["crd_warm", "crd_batchz_warm"]
+    log_z = [torch.load(out / "stages" / f"distill-{m}" / "final.pt", weights_only=False)["criteria.crd.memory.log_z"]
+             for m in ("crd_warm", "crd_batchz_warm")]
+    assert torch.isfinite(log_z[1]).all() and not torch.allclose(log_z[0], log_z[1])
 
 
 def test_changed_loss_option_is_not_resumed_as_the_old_stage(tmp_path, capsys):
