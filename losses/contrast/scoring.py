@@ -102,7 +102,11 @@ class _BankScores(torch.autograd.Function):
 
 
 def _as_dtype(bank: Tensor, like: Tensor, workspace: ScoreWorkspace) -> Tensor:
-    """``bank`` in ``like``'s dtype; a low-precision bank is upcast into the workspace."""
+    """``bank`` in ``like``'s dtype; a low-precision bank is upcast into the workspace.
+
+    Backward upcasts again rather than keeping the forward's copy: the buffer is shared by the
+    critic's two banks, and holding both in float32 would undo what half-size banks save.
+    """
     if bank.dtype == like.dtype:
         return bank
     return workspace.get("bank", tuple(bank.shape), like).copy_(bank)
