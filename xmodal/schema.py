@@ -77,10 +77,23 @@ class ModelConfig:
 
 @dataclass
 class SplitConfig:
-    """Which split of the dataset a stage reads, and an optional class-balanced subset size."""
+    """Which split of the dataset a stage reads, and an optional class-balanced subset size.
+
+    ``classes``: keep only images of these classes (names, or indices into the dataset's class
+    list), relabelled 0, 1, ... in the order given: a teacher trained on another label set than
+    the probe's (e.g. ``data.teacher.classes=[airplane,automobile,bird,cat,deer]``).
+    """
 
     split: str = "train"
     subset: Optional[int] = None
+    classes: Optional[list[str]] = None
+
+
+def check_same_classes(train: SplitConfig, train_key: str, test: SplitConfig, test_key: str) -> None:
+    """ConfigError unless a model trained on ``train`` is scored on ``test`` in the same label space."""
+    if train.classes != test.classes:
+        raise ConfigError(f"{train_key}.classes={train.classes} and {test_key}.classes={test.classes} differ: a "
+                          "classifier is scored in the label space it was trained in")
 
 
 @dataclass

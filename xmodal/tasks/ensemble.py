@@ -30,7 +30,7 @@ from xmodal.config import to_dict
 from xmodal.engine import Engine, Stage
 from xmodal.errors import ConfigError
 from xmodal.modalities import Modality, build_modality, view_fn
-from xmodal.schema import ImageDataConfig, ModalityConfig, ModelConfig, RunConfig, SplitConfig, TrainConfig
+from xmodal.schema import ImageDataConfig, ModalityConfig, ModelConfig, RunConfig, SplitConfig, TrainConfig, check_same_classes
 from xmodal.tasks.ensemble_pool import Member, PoolSection, build_pool, check_checkpoints, data_order, ensemble_top1, \
     resolve_pool
 from xmodal.tasks.ensemble_report import plot_error_vs_teachers
@@ -97,6 +97,7 @@ class EnsembleConfig(RunConfig):
             raise ConfigError(f"distill.n_teachers={d.n_teachers}: expected distinct teacher counts >= 1")
         if not self.student_seeds or len(set(self.student_seeds)) != len(self.student_seeds):
             raise ConfigError(f"student_seeds={self.student_seeds}: expected distinct seeds")
+        check_same_classes(self.data.train, "data.train", self.data.test, "data.test")
 
 
 def method_terms(distill: EnsembleDistillSection, method: str) -> dict[str, float]:
@@ -232,8 +233,8 @@ def run_ensemble(cfg: EnsembleConfig, engine: Engine) -> dict[str, Any]:
     members = resolve_pool(cfg.teachers, modality)
     counts = _teacher_counts(cfg, len(members))
     weights = _teacher_weights(cfg, len(members))
-    train_set = open_split(cfg.data, cfg.data.train, cfg.seed, augment=True, labeled=True)
-    test_set = open_split(cfg.data, cfg.data.test, cfg.seed, augment=False, labeled=True)
+    train_set = open_split(cfg.data, cfg.data.train, cfg.seed, augment=True, labeled=True, role="train")
+    test_set = open_split(cfg.data, cfg.data.test, cfg.seed, augment=False, labeled=True, role="test")
     if not getattr(train_set, "classes", None):
         raise ConfigError(f"dataset {cfg.data.name!r} split {cfg.data.train.split!r} has no classes: ensembles need labels")
     num_classes = len(train_set.classes)

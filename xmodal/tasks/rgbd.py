@@ -53,6 +53,10 @@ class RGBDDataSection(DataConfig):
     name: str = "nyu"
     distill: SplitConfig = field(default_factory=lambda: SplitConfig("all"))
 
+    def __post_init__(self) -> None:
+        if self.distill.classes is not None:
+            raise ConfigError("data.distill.classes: NYU-Depth-V2 frames carry no image classes to select from")
+
 
 @dataclass
 class RGBTeacherSection:

@@ -1,14 +1,15 @@
-"""One split of a recipe's dataset, as a stage reads it; class-balanced subsets with memory-bank
-rows renumbered."""
+"""One split of a recipe's dataset, as a stage reads it; class selections and class-balanced
+subsets, with memory-bank rows renumbered."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from xmodal.data import build_dataset
+from xmodal.data.base import UNLABELED
 from xmodal.data.folder import balanced_subset
 from xmodal.errors import ConfigError
 from xmodal.schema import ImageDataConfig, SplitConfig
@@ -19,18 +20,32 @@ class SubsetDataset(Dataset):
 
     Augmentation still keys on the base dataset's own index, so a sample looks the same in the
     subset as in the full set. ``labels``, ``class_labels``, ``classes`` and ``set_epoch`` are
-    forwarded.
+    forwarded; with ``classes`` (base class indices), class ``classes[j]`` is reported as ``j``
+    and the other classes' rows must not be in ``keep``.
     """
 
-    def __init__(self, base: Dataset, keep: Tensor) -> None:
+    def __init__(self, base: Dataset, keep: Tensor, classes: Optional[Sequence[int]] = None) -> None:
         self.base, self.keep = base, keep.long()
+        self.relabel: Optional[Tensor] = None
+        if classes is not None:
+            names = list(getattr(base, "classes", []))
+            self.relabel = torch.full((len(names),), UNLABELED, dtype=torch.int64)
+            self.relabel[torch.tensor(list(classes), dtype=torch.int64)] = torch.arange(len(classes))
+            self._class_names = [names[c] for c in classes]
 
     def __len__(self) -> int:
         return len(self.keep)
 
+    def _mapped(self, labels: Tensor) -> Tensor:
+        if self.relabel is None:
+            return labels
+        return torch.where(labels >= 0, self.relabel[labels.clamp(min=0)], labels)
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         sample = dict(self.base[int(self.keep[i])])
         sample["index"] = torch.tensor(i, dtype=torch.int64)
+        if "label" in sample:
+            sample["label"] = self._mapped(torch.as_tensor(sample["label"]))
         return sample
 
     def set_epoch(self, epoch: int) -> None:
@@ -39,15 +54,47 @@ class SubsetDataset(Dataset):
 
     @property
     def classes(self) -> list[str]:
-        return list(getattr(self.base, "classes", []))
+        return list(self._class_names) if self.relabel is not None else list(getattr(self.base, "classes", []))
 
     @property
     def labels(self) -> Tensor:
-        return self.base.labels[self.keep]
+        return self._mapped(self.base.labels[self.keep])
 
     @property
     def class_labels(self) -> Tensor:
-        return getattr(self.base, "class_labels", self.base.labels)[self.keep]
+        return self._mapped(getattr(self.base, "class_labels", self.base.labels)[self.keep])
+
+
+def class_indices(dataset: Dataset, wanted: Sequence[str], where: str) -> list[int]:
+    """Indices into ``dataset.classes`` of ``wanted``: each a class name or, failing that, an
+    index; ConfigError naming ``where`` for an unknown class, a repeat, or a set without classes."""
+    names = list(getattr(dataset, "classes", []) or [])
+    known = getattr(dataset, "class_labels", None)
+    if not names or known is None or bool((known < 0).all()):
+        raise ConfigError(f"{where}: this split's images carry no classes to select from")
+    if not wanted:
+        raise ConfigError(f"{where}: empty; list at least one class, e.g. {names[:2]}")
+    picked = []
+    for item in wanted:
+        item = str(item)
+        if item in names:
+            picked.append(names.index(item))
+        elif item.lstrip("-").isdigit() and 0 <= int(item) < len(names):
+            picked.append(int(item))
+        else:
+            raise ConfigError(f"{where}: unknown class {item!r}; the split's classes are {names} "
+                              f"(or their indices 0..{len(names) - 1})")
+    repeated = sorted({names[c] for c in picked if picked.count(c) > 1})
+    if repeated:
+        raise ConfigError(f"{where}: class {repeated[0]!r} listed twice")
+    return picked
+
+
+def select_classes(base: Dataset, classes: Sequence[int]) -> SubsetDataset:
+    """The images of ``base`` whose class is in ``classes`` (base indices), relabelled by position."""
+    known = getattr(base, "class_labels", base.labels)
+    keep = torch.isin(known, torch.tensor(list(classes), dtype=torch.int64)).nonzero()[:, 0]
+    return SubsetDataset(base, keep, classes)
 
 
 def class_balanced_subset(base: Dataset, size: int, seed: int) -> SubsetDataset:
@@ -61,9 +108,11 @@ def class_balanced_subset(base: Dataset, size: int, seed: int) -> SubsetDataset:
     return SubsetDataset(base, keep)
 
 
-def open_split(data: ImageDataConfig, part: SplitConfig, seed: int, *, augment: bool, labeled: bool) -> Dataset:
+def open_split(data: ImageDataConfig, part: SplitConfig, seed: int, *, augment: bool, labeled: bool,
+               role: str) -> Dataset:
     """Split ``part.split`` of ``data`` with the training augmentation when ``augment``, labels
-    when ``labeled``, cut to a class-balanced ``part.subset`` (seeded) when one is set."""
+    when ``labeled``, cut to ``part.classes`` (relabelled in their order) and then to a
+    class-balanced ``part.subset`` (seeded) when they are set."""
     options = dict(data.options)
     for key in ("augment", "labeled"):  # each stage decides these itself
         if key in options:
@@ -71,6 +120,8 @@ def open_split(data: ImageDataConfig, part: SplitConfig, seed: int, *, augment: 
     options.setdefault("seed", seed)
     dataset = build_dataset(data.name, data.root, part.split, augment=data.augment if augment else None,
                             labeled=labeled, **options)
+    if part.classes is not None:
+        dataset = select_classes(dataset, class_indices(dataset, part.classes, f"data.{role}.classes"))
     if part.subset is not None and part.subset < len(dataset):
         dataset = class_balanced_subset(dataset, part.subset, seed)
     return dataset

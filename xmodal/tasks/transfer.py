@@ -13,7 +13,7 @@ Stages, each resumable and skipped when an earlier run in the same ``output_dir`
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import torch
@@ -26,7 +26,8 @@ from xmodal.errors import ConfigError
 from xmodal.modalities import Modality, build_modality
 from xmodal.models import save_backbone
 from xmodal.models.checkpoint import load_weights_into, read_checkpoint
-from xmodal.schema import ImageDataConfig, ModalityConfig, ModelConfig, OptimConfig, RunConfig, SplitConfig, TrainConfig
+from xmodal.schema import (ImageDataConfig, ModalityConfig, ModelConfig, OptimConfig, RunConfig, SplitConfig, TrainConfig,
+                           check_same_classes)
 from xmodal.tasks.distill import distill_stages, needs_logits
 from xmodal.tasks.evaluation import classify_top1
 from xmodal.tasks.linear_probe import ProbeConfig, linear_probe
@@ -86,6 +87,7 @@ class TransferConfig(RunConfig):
         unknown = [p for p in self.protocols if p not in PROTOCOLS]
         if unknown:
             raise ConfigError(f"protocols: unknown {unknown}; expected a subset of {list(PROTOCOLS)}")
+        check_same_classes(self.data.probe_train, "data.probe_train", self.data.probe_test, "data.probe_test")
 
 
 # ----------------------------------------------------------------- datasets
@@ -135,16 +137,23 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     modality = build_modality(cfg.modality.name, teacher_view=cfg.modality.teacher_view,
                               student_view=cfg.modality.student_view, **cfg.modality.options)
     views = _Views(modality)
-    teacher_train = open_split(cfg.data, cfg.data.teacher, cfg.seed, augment=True, labeled=True)
-    probe_train = open_split(cfg.data, cfg.data.probe_train, cfg.seed, augment=False, labeled=True)
-    finetune_train = open_split(cfg.data, cfg.data.probe_train, cfg.seed, augment=True, labeled=True)
-    probe_test = open_split(cfg.data, cfg.data.probe_test, cfg.seed, augment=False, labeled=True)
-    distill_set = open_split(cfg.data, cfg.data.distill, cfg.seed, augment=True, labeled=cfg.distill.ce_weight > 0)
-    num_classes = _num_classes(probe_train, "probe_train", cfg.data.probe_train)
+    d = cfg.data
+    teacher_train = open_split(d, d.teacher, cfg.seed, augment=True, labeled=True, role="teacher")
+    probe_train = open_split(d, d.probe_train, cfg.seed, augment=False, labeled=True, role="probe_train")
+    finetune_train = open_split(d, d.probe_train, cfg.seed, augment=True, labeled=True, role="probe_train")
+    probe_test = open_split(d, d.probe_test, cfg.seed, augment=False, labeled=True, role="probe_test")
+    distill_set = open_split(d, d.distill, cfg.seed, augment=True, labeled=cfg.distill.ce_weight > 0, role="distill")
+    # A teacher of another label set is scored on the probe's test split, its own classes only.
+    teacher_test = probe_test if d.teacher.classes is None else open_split(
+        d, replace(d.probe_test, classes=d.teacher.classes), cfg.seed, augment=False, labeled=True, role="teacher")
+    num_classes = _num_classes(probe_train, "probe_train", d.probe_train)
     if cfg.teacher.checkpoint:  # its classifier decides; load_weights_into checks the rest
         teacher_classes = int(read_checkpoint(cfg.teacher.checkpoint, role="teacher")["num_classes"])
+        if d.teacher.classes is not None and teacher_classes != len(d.teacher.classes):
+            raise ConfigError(f"teacher.checkpoint={cfg.teacher.checkpoint} classifies {teacher_classes} classes, "
+                              f"but data.teacher.classes lists {len(d.teacher.classes)}")
     else:
-        teacher_classes = _num_classes(teacher_train, "teacher", cfg.data.teacher)
+        teacher_classes = _num_classes(teacher_train, "teacher", d.teacher)
     timings: dict[str, float] = {}
     record = to_dict(cfg)
     record["data"].pop("num_workers")  # workers change no result: not part of any stage's identity
@@ -179,12 +188,12 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     if cfg.teacher.checkpoint:
         load_weights_into(teacher, cfg.teacher.checkpoint, role="teacher")
         teacher.to(engine.device)
-        teacher_result = {"top1": classify_top1(engine, teacher, probe_test, views.teacher, desc="teacher test")}
+        teacher_result = {"top1": classify_top1(engine, teacher, teacher_test, views.teacher, desc="teacher test")}
     else:
         stage = supervised_stage("teacher", teacher, teacher_train, views.teacher, cfg.teacher.train,
                                   {"teacher": record["teacher"], "data": record["data"], "seed": cfg.seed,
                                    "modality": record["modality"]})
-        teacher_result = engine.run(stage, lambda: {"top1": classify_top1(engine, teacher, probe_test, views.teacher,
+        teacher_result = engine.run(stage, lambda: {"top1": classify_top1(engine, teacher, teacher_test, views.teacher,
                                                                          desc="teacher test")})
         timings["teacher"] = teacher_result.get("seconds", 0.0)
         exported = engine.output_dir / "teacher.pt"  # reusable as teacher.checkpoint=<output_dir>/teacher.pt
@@ -206,7 +215,8 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
                            record, distilled, timings))
     return {
         "results": rows,
-        "teacher": {"top1": teacher_result["top1"], "view": modality.teacher_view, "arch": cfg.teacher.model.arch},
+        "teacher": {"top1": teacher_result["top1"], "view": modality.teacher_view, "arch": cfg.teacher.model.arch,
+                    "classes": getattr(teacher_test, "classes", None)},
         "timings": {**timings, "total": time.perf_counter() - began},
     }
 
