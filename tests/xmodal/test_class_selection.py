@@ -14,7 +14,17 @@ from xmodal.errors import ConfigError
 from xmodal.schema import ImageDataConfig, SplitConfig
 from xmodal.tasks.subset import open_split
 
-from tests.xmodal.test_cli import TINY, _error
+# A run small enough for a test: both networks 4 wide, one epoch each, two probe epochs.
+TINY = ["data.options={num_samples: 96}", "teacher.train.epochs=1", "teacher.model.options={width: 4}",
+        "student.options={width: 4}", "distill.train.epochs=1", "distill.train.batch_size=32",
+        "linear_probe.epochs=2", "data.num_workers=0"]
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
 
 DATA = ImageDataConfig(name="synthetic", augment="none", options={"num_samples": 60})
 
