@@ -26,8 +26,8 @@ from xmodal.errors import ConfigError
 from xmodal.modalities import Modality, build_modality
 from xmodal.models import save_backbone
 from xmodal.models.checkpoint import load_weights_into, read_checkpoint
-from xmodal.schema import (ImageDataConfig, ModalityConfig, ModelConfig, OptimConfig, RunConfig, SplitConfig, TrainConfig,
-                           check_same_classes)
+from xmodal.schema import (ImageDataConfig, ModalityConfig, ModelConfig, OptimConfig, RunConfig, SplitConfig,
+                           TrainConfig, check_same_classes)
 from xmodal.tasks.distill import distill_stages, needs_logits
 from xmodal.tasks.evaluation import classify_top1
 from xmodal.tasks.linear_probe import ProbeConfig, linear_probe
@@ -143,17 +143,23 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     finetune_train = open_split(d, d.probe_train, cfg.seed, augment=True, labeled=True, role="probe_train")
     probe_test = open_split(d, d.probe_test, cfg.seed, augment=False, labeled=True, role="probe_test")
     distill_set = open_split(d, d.distill, cfg.seed, augment=True, labeled=cfg.distill.ce_weight > 0, role="distill")
-    # A teacher of another label set is scored on the probe's test split, its own classes only.
-    teacher_test = probe_test if d.teacher.classes is None else open_split(
-        d, replace(d.probe_test, classes=d.teacher.classes), cfg.seed, augment=False, labeled=True, role="teacher")
+    # The teacher is scored on the probe's test split in its own label space: cut to
+    # data.teacher.classes (or whole), whatever classes the probe reads.
+    teacher_part = replace(d.probe_test, classes=d.teacher.classes)
+    teacher_test = probe_test if teacher_part == d.probe_test else open_split(
+        d, teacher_part, cfg.seed, augment=False, labeled=True, role="teacher")
     num_classes = _num_classes(probe_train, "probe_train", d.probe_train)
     if cfg.teacher.checkpoint:  # its classifier decides; load_weights_into checks the rest
         teacher_classes = int(read_checkpoint(cfg.teacher.checkpoint, role="teacher")["num_classes"])
-        if d.teacher.classes is not None and teacher_classes != len(d.teacher.classes):
-            raise ConfigError(f"teacher.checkpoint={cfg.teacher.checkpoint} classifies {teacher_classes} classes, "
-                              f"but data.teacher.classes lists {len(d.teacher.classes)}")
     else:
         teacher_classes = _num_classes(teacher_train, "teacher", d.teacher)
+    # A checkpoint of another dataset's label set (say 1,000 classes) still teaches, but its
+    # top-1 here would compare its classes with ours: it is not scored. Classes named in
+    # data.teacher.classes must be the ones it classifies.
+    scored = teacher_classes == len(teacher_test.classes)
+    if not scored and d.teacher.classes is not None:
+        raise ConfigError(f"teacher.checkpoint={cfg.teacher.checkpoint} classifies {teacher_classes} classes, "
+                          f"but data.teacher.classes lists {len(d.teacher.classes)}")
     timings: dict[str, float] = {}
     record = to_dict(cfg)
     record["data"].pop("num_workers")  # workers change no result: not part of any stage's identity
@@ -188,7 +194,8 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     if cfg.teacher.checkpoint:
         load_weights_into(teacher, cfg.teacher.checkpoint, role="teacher")
         teacher.to(engine.device)
-        teacher_result = {"top1": classify_top1(engine, teacher, teacher_test, views.teacher, desc="teacher test")}
+        teacher_result = {"top1": classify_top1(engine, teacher, teacher_test, views.teacher, desc="teacher test")
+                          if scored else None}
     else:
         stage = supervised_stage("teacher", teacher, teacher_train, views.teacher, cfg.teacher.train,
                                   {"teacher": record["teacher"], "data": record["data"], "seed": cfg.seed,
@@ -216,7 +223,7 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     return {
         "results": rows,
         "teacher": {"top1": teacher_result["top1"], "view": modality.teacher_view, "arch": cfg.teacher.model.arch,
-                    "classes": getattr(teacher_test, "classes", None)},
+                    "classes": teacher_test.classes if scored else None},
         "timings": {**timings, "total": time.perf_counter() - began},
     }
 
