@@ -26,12 +26,13 @@ class SubsetDataset(Dataset):
 
     def __init__(self, base: Dataset, keep: Tensor, classes: Optional[Sequence[int]] = None) -> None:
         self.base, self.keep = base, keep.long()
-        self.relabel: Optional[Tensor] = None
+        names = list(getattr(base, "classes", []))
+        self.relabel: Optional[Tensor] = None  # base class -> reported class (-1: not selected)
         if classes is not None:
-            names = list(getattr(base, "classes", []))
             self.relabel = torch.full((len(names),), UNLABELED, dtype=torch.int64)
             self.relabel[torch.tensor(list(classes), dtype=torch.int64)] = torch.arange(len(classes))
-            self._class_names = [names[c] for c in classes]
+            names = [names[c] for c in classes]
+        self._names = names
 
     def __len__(self) -> int:
         return len(self.keep)
@@ -54,7 +55,7 @@ class SubsetDataset(Dataset):
 
     @property
     def classes(self) -> list[str]:
-        return list(self._class_names) if self.relabel is not None else list(getattr(self.base, "classes", []))
+        return list(self._names)
 
     @property
     def labels(self) -> Tensor:
