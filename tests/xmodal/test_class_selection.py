@@ -10,9 +10,13 @@ import torch
 
 from xmodal.cli import main
 from xmodal.data import build_dataset
+from xmodal.data.synthetic import CLASSES
 from xmodal.errors import ConfigError
-from xmodal.schema import ImageDataConfig, SplitConfig
+from xmodal.modalities import build_modality
+from xmodal.models.checkpoint import load_weights_into
+from xmodal.schema import ImageDataConfig, ModelConfig, SplitConfig
 from xmodal.tasks.subset import open_split
+from xmodal.tasks.supervised import build_backbone
 
 # A run small enough for a test: both networks 4 wide, one epoch each, two probe epochs.
 TINY = ["data.options={num_samples: 96}", "teacher.train.epochs=1", "teacher.model.options={width: 4}",
@@ -59,18 +63,15 @@ def test_unlabeled_reading_keeps_minus_one_and_maps_the_known_classes():
 
 def test_subset_is_balanced_over_the_selected_classes_only():
     chosen = _split(SplitConfig("train", subset=8, classes=["5", "6"]))
-    assert len(chosen) == 8 and chosen.classes == [DATA_NAMES[5], DATA_NAMES[6]]
+    assert len(chosen) == 8 and chosen.classes == [CLASSES[5], CLASSES[6]]
     assert torch.bincount(chosen.labels, minlength=2).tolist() == [4, 4]
-
-
-DATA_NAMES = list(build_dataset("synthetic", None, "test", num_samples=10).classes)
 
 
 @pytest.mark.parametrize("classes, message", [
     (["hexagon"], "data.teacher.classes: unknown class 'hexagon'; the split's classes are"),
     (["10"], "unknown class '10'"),
     (["-1"], "unknown class '-1'"),
-    (["1", DATA_NAMES[1]], f"class {DATA_NAMES[1]!r} listed twice"),
+    (["1", CLASSES[1]], f"class {CLASSES[1]!r} listed twice"),
     ([], "data.teacher.classes: empty"),
 ])
 def test_bad_class_lists_name_the_key(classes, message):
@@ -97,12 +98,24 @@ def test_probe_splits_in_different_label_spaces_are_refused(tmp_path, capsys):
 @pytest.mark.slow
 def test_teacher_of_another_label_set_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    names = DATA_NAMES
-    args = [*TINY, "teacher.train.batch_size=8", "distill.methods=[kd]", "protocols=[linear_probe]",
-            f"data.teacher.classes=[{names[3]},{names[1]}]"]
+    # Eight teacher epochs: a teacher at chance would score 50 % under either labelling, and
+    # the written-out top-1 below could not tell a swapped relabelling from the right one.
+    args = [*TINY, "teacher.train.batch_size=8", "teacher.train.epochs=8", "distill.methods=[kd]",
+            "protocols=[linear_probe]", f"data.teacher.classes=[{CLASSES[3]},{CLASSES[1]}]"]
     assert main(["run", "lab-color-transfer", f"output_dir={out}", *args]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["teacher"]["classes"] == [names[3], names[1]]
+    assert report["teacher"]["classes"] == [CLASSES[3], CLASSES[1]]
+    # Its top-1, written out: the test images of classes 3 and 1 (labelled 0 and 1), L view.
+    teacher = build_backbone(ModelConfig("resnet8", {"width": 4}), 1, 2, 0)
+    load_weights_into(teacher, out / "teacher.pt", role="teacher")
+    test = build_dataset("synthetic", None, "test", num_samples=96, seed=0)
+    rows = [test[i] for i in range(len(test)) if int(test[i]["label"]) in (3, 1)]
+    images = torch.stack([r["image"] for r in rows])
+    truth = torch.tensor([0 if int(r["label"]) == 3 else 1 for r in rows])
+    with torch.no_grad():
+        (light,) = build_modality("lab").views({"image": images}, ["L"]).values()
+        predicted = teacher.eval()(light).logits.argmax(1)
+    assert report["teacher"]["top1"] == pytest.approx(100.0 * float((predicted == truth).float().mean()), abs=1e-4)
     # The teacher classifies its two classes; KD's student copies those two logits; the probe
     # still reads all ten classes.
     final = torch.load(out / "stages" / "teacher" / "final.pt", weights_only=False)
@@ -115,6 +128,14 @@ def test_teacher_of_another_label_set_end_to_end(tmp_path, capsys):
     reuse = [*args, f"teacher.checkpoint={out / 'teacher.pt'}", "distill.methods=[random]"]
     assert main(["run", "lab-color-transfer", f"output_dir={again}", *reuse]) == 0
     assert json.loads((again / "report.json").read_text())["teacher"]["top1"] == report["teacher"]["top1"]
+    # Without data.teacher.classes it teaches, but its two classes are not the test split's ten:
+    # no top-1 is made up for it.
+    other = tmp_path / "other"
+    assert main(["run", "lab-color-transfer", f"output_dir={other}", *TINY, "distill.methods=[kd]",
+                 "protocols=[linear_probe]", f"teacher.checkpoint={out / 'teacher.pt'}"]) == 0
+    unscored = json.loads((other / "report.json").read_text())
+    assert unscored["teacher"]["top1"] is None and unscored["teacher"]["classes"] is None
+    assert [r["method"] for r in unscored["results"]] == ["kd"]
     capsys.readouterr()
     assert main(["run", "lab-color-transfer", f"output_dir={tmp_path / 'bad'}", *reuse,
                  "data.teacher.classes=[0,1,2]"]) == 2
