@@ -1,0 +1,149 @@
+"""bf16 autocast against fp32, seed by seed: the Lab recipe's distillation and linear probe.
+
+For every seed, three runs of the same command (docs/reliability.md, "Mixed precision"):
+
+* ``no``   fp32 (two threads on this machine),
+* ``bf16`` ``mixed_precision=bf16``,
+* ``t1``   fp32 again with ``OMP_NUM_THREADS=1``: the same maths summed in another order, the
+  yardstick for how far fp32 moves from itself.
+
+Runs whose ``report.json`` exists are read, not rerun, after checking that they ran this command
+(seed, precision, method, epochs); a folder holding another run is an error. Prints one row per
+seed, then for bf16 - fp32 and 1 thread - 2 threads: mean, median, mean |difference|, how many
+seeds differ by more than 1 point, and a 95 % bootstrap interval of the mean over seeds. Draws
+the differences per seed to ``--plot``.
+
+    python benchmarks/mixed_precision.py --seeds 0-19 [--runs runs] [--report-only]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+PRECISIONS = {"no": ("no", None), "bf16": ("bf16", None), "t1": ("no", "1")}
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0-4,7"`` -> ``[0, 1, 2, 3, 4, 7]``."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        seeds.extend(range(int(lo), int(hi or lo) + 1))
+    return seeds
+
+
+def command(out: Path, seed: int, precision: str, args: argparse.Namespace) -> list[str]:
+    return [sys.executable, "-m", "xmodal", "run", "lab-color-transfer", f"output_dir={out}", f"seed={seed}",
+            f"mixed_precision={precision}", f"teacher.checkpoint={args.teacher}",
+            f"distill.methods=[{args.method}]", f"distill.train.epochs={args.epochs}", "protocols=[linear_probe]"]
+
+
+def read_run(out: Path, seed: int, precision: str, args: argparse.Namespace) -> tuple[float, float]:
+    """The run's probe top-1 and wall seconds, after checking the folder holds this command's run."""
+    report = json.loads((out / "report.json").read_text())
+    cfg = report["config"]
+    found = (cfg["seed"], cfg["mixed_precision"], cfg["distill"]["methods"], cfg["distill"]["train"]["epochs"])
+    wanted = (seed, precision, [args.method], args.epochs)
+    if found != wanted:
+        raise SystemExit(f"{out}: holds a run of (seed, mixed_precision, methods, epochs) = {found}, "
+                         f"not {wanted}; choose another --runs or --prefix")
+    (row,) = [r for r in report["results"] if r["method"] == args.method and r["protocol"] == "linear_probe"]
+    # top-1 is a count over the test set in percent, stored as float32: 2 decimals are exact
+    # for up to 10,000 test images, and keep "1.00 points apart" from reading as beyond 1.
+    return round(float(row["value"]), 2), float(report["timings"]["total"])
+
+
+def summary(diffs: list[float], resamples: int = 10_000) -> str:
+    """Mean, median, mean |d|, count beyond 1 point and a bootstrap 95 % interval of the mean."""
+    d = torch.tensor(diffs, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    means = d[torch.randint(len(d), (resamples, len(d)), generator=g)].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    median = float(torch.quantile(d, 0.5))  # torch.median would give the lower middle value
+    return (f"n {len(d)}  mean {d.mean():+.2f}  median {median:+.2f}  mean|d| {d.abs().mean():.2f}  "
+            f"|d|>1: {int((d.abs().round(decimals=2) > 1).sum())}  95% bootstrap of the mean [{lo:+.2f}, {hi:+.2f}]")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", default="0-9")
+    parser.add_argument("--runs", type=Path, default=Path("runs"))
+    parser.add_argument("--prefix", default="mpinfo", help="run folders are <runs>/<prefix>-<no|bf16|t1>-s<seed>")
+    parser.add_argument("--teacher", type=Path, default=Path("runs/lab-color-transfer/teacher.pt"),
+                        help="the default run's exported teacher (xmodal run lab-color-transfer)")
+    parser.add_argument("--method", default="infonce_warm")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--report-only", action="store_true", help="read the runs that exist; start none")
+    parser.add_argument("--no-one-thread", action="store_true", help="start only the fp32 and bf16 runs")
+    parser.add_argument("--plot", type=Path, default=None, help="default: <runs>/<prefix>.png")
+    args = parser.parse_args()
+    seeds = parse_seeds(args.seeds)
+    if not args.report_only and not args.teacher.is_file():
+        raise SystemExit(f"--teacher {args.teacher}: no such file; run `xmodal run lab-color-transfer` first, "
+                         "or point --teacher at its runs/lab-color-transfer/teacher.pt")
+
+    top1: dict[str, dict[int, float]] = {tag: {} for tag in PRECISIONS}
+    seconds: dict[str, list[float]] = {tag: [] for tag in PRECISIONS}
+    for seed in seeds:
+        for tag, (precision, threads) in PRECISIONS.items():
+            out = args.runs / f"{args.prefix}-{tag}-s{seed}"
+            if not (out / "report.json").exists():
+                if args.report_only or (tag == "t1" and args.no_one_thread):
+                    continue
+                env = dict(os.environ)
+                if threads:
+                    env["OMP_NUM_THREADS"] = threads
+                else:
+                    env.pop("OMP_NUM_THREADS", None)
+                print(f"[mixed_precision] seed {seed} {tag}: running", file=sys.stderr, flush=True)
+                subprocess.run(command(out, seed, precision, args), env=env, check=True,
+                               stdout=subprocess.DEVNULL)
+            top1[tag][seed], wall = read_run(out, seed, precision, args)
+            seconds[tag].append(wall)
+
+    print(f"{args.method}, {args.epochs} epochs, linear probe top-1 (runs under {args.runs}/{args.prefix}-*)")
+    print(f"{'seed':>4s} {'fp32':>7s} {'1 thread':>9s} {'bf16':>7s} {'bf16-fp32':>10s} {'1t-2t':>7s}")
+    fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
+    bf16_d, t1_d = [], []
+    for seed in seeds:
+        no, t1, bf = (top1[tag].get(seed) for tag in ("no", "t1", "bf16"))
+        db = bf - no if bf is not None and no is not None else None
+        dt = t1 - no if t1 is not None and no is not None else None
+        bf16_d += [db] if db is not None else []
+        t1_d += [dt] if dt is not None else []
+        print(f"{seed:>4d} {fmt(no):>7s} {fmt(t1):>9s} {fmt(bf):>7s} "
+              f"{(f'{db:+.2f}' if db is not None else '-'):>10s} {(f'{dt:+.2f}' if dt is not None else '-'):>7s}")
+    for name, diffs in (("bf16 - fp32", bf16_d), ("1 thread - 2 threads", t1_d)):
+        print(f"{name:22s} {summary(diffs) if diffs else 'no pairs'}")
+    print("mean wall seconds per run (report.json timings.total): " + ", ".join(
+        f"{tag} {sum(s) / len(s):.0f} s" for tag, s in seconds.items() if s))
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for dx, tag, label in ((-0.15, "bf16", "bf16 - fp32"), (0.15, "t1", "fp32 1 thread - fp32 2 threads")):
+        xs = [s for s in seeds if s in top1[tag] and s in top1["no"]]
+        ax.bar([s + dx for s in xs], [top1[tag][s] - top1["no"][s] for s in xs], width=0.3, label=label)
+    ax.axhspan(-1, 1, color="0.9", zorder=0, label="within 1 point")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("seed")
+    ax.set_ylabel("linear-probe top-1 difference (points)")
+    ax.set_title(f"{args.method}, {args.epochs} epochs: precision and summation order against fp32")
+    ax.legend(fontsize=8)
+    plot = args.plot or args.runs / f"{args.prefix}.png"
+    fig.tight_layout()
+    fig.savefig(plot, dpi=120)
+    print(f"plot: {plot}")
+
+
+if __name__ == "__main__":
+    main()
