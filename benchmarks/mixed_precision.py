@@ -48,10 +48,12 @@ def read_run(out: Path, seed: int, precision: str, args: argparse.Namespace) -> 
     """The run's probe top-1 and wall seconds, after checking the folder holds this command's run."""
     report = json.loads((out / "report.json").read_text())
     cfg = report["config"]
-    found = (cfg["seed"], cfg["mixed_precision"], cfg["distill"]["methods"], cfg["distill"]["train"]["epochs"])
-    wanted = (seed, precision, [args.method], args.epochs)
+    # The teacher path may be written relative or absolute: its last two parts must agree.
+    teacher = Path(cfg["teacher"]["checkpoint"] or "").parts[-2:]
+    found = (cfg["seed"], cfg["mixed_precision"], cfg["distill"]["methods"], cfg["distill"]["train"]["epochs"], teacher)
+    wanted = (seed, precision, [args.method], args.epochs, args.teacher.parts[-2:])
     if found != wanted:
-        raise SystemExit(f"{out}: holds a run of (seed, mixed_precision, methods, epochs) = {found}, "
+        raise SystemExit(f"{out}: holds a run of (seed, mixed_precision, methods, epochs, teacher) = {found}, "
                          f"not {wanted}; choose another --runs or --prefix")
     (row,) = [r for r in report["results"] if r["method"] == args.method and r["protocol"] == "linear_probe"]
     # top-1 is a count over the test set in percent, stored as float32: 2 decimals are exact
