@@ -80,7 +80,7 @@ def class_indices(dataset: Dataset, wanted: Sequence[str], where: str) -> list[i
         item = str(item)
         if item in names:
             picked.append(names.index(item))
-        elif item.lstrip("-").isdigit() and 0 <= int(item) < len(names):
+        elif item.isdigit() and int(item) < len(names):
             picked.append(int(item))
         else:
             raise ConfigError(f"{where}: unknown class {item!r}; the split's classes are {names} "
@@ -92,9 +92,10 @@ def class_indices(dataset: Dataset, wanted: Sequence[str], where: str) -> list[i
 
 
 def select_classes(base: Dataset, classes: Sequence[int]) -> SubsetDataset:
-    """The images of ``base`` whose class is in ``classes`` (base indices), relabelled by position."""
-    known = getattr(base, "class_labels", base.labels)
-    keep = torch.isin(known, torch.tensor(list(classes), dtype=torch.int64)).nonzero()[:, 0]
+    """The images of ``base`` whose class is in ``classes`` (base indices, from
+    :func:`class_indices`, which has checked that ``base`` has ``class_labels``), relabelled by
+    position."""
+    keep = torch.isin(base.class_labels, torch.tensor(list(classes), dtype=torch.int64)).nonzero()[:, 0]
     return SubsetDataset(base, keep, classes)
 
 
