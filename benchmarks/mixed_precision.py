@@ -109,20 +109,17 @@ def main() -> None:
             top1[tag][seed], wall = read_run(out, seed, precision, args)
             seconds[tag].append(wall)
 
+    # Each kind of pair against the fp32 run of the same seed, computed once for table, summary and plot.
+    diffs = {tag: {s: top1[tag][s] - top1["no"][s] for s in seeds if s in top1[tag] and s in top1["no"]}
+             for tag in ("bf16", "t1")}
+    cell = lambda table, s, spec: format(table[s], spec) if s in table else "-"  # noqa: E731
     print(f"{args.method}, {args.epochs} epochs, linear probe top-1 (runs under {args.runs}/{args.prefix}-*)")
     print(f"{'seed':>4s} {'fp32':>7s} {'1 thread':>9s} {'bf16':>7s} {'bf16-fp32':>10s} {'1t-2t':>7s}")
-    fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
-    bf16_d, t1_d = [], []
-    for seed in seeds:
-        no, t1, bf = (top1[tag].get(seed) for tag in ("no", "t1", "bf16"))
-        db = bf - no if bf is not None and no is not None else None
-        dt = t1 - no if t1 is not None and no is not None else None
-        bf16_d += [db] if db is not None else []
-        t1_d += [dt] if dt is not None else []
-        print(f"{seed:>4d} {fmt(no):>7s} {fmt(t1):>9s} {fmt(bf):>7s} "
-              f"{(f'{db:+.2f}' if db is not None else '-'):>10s} {(f'{dt:+.2f}' if dt is not None else '-'):>7s}")
-    for name, diffs in (("bf16 - fp32", bf16_d), ("1 thread - 2 threads", t1_d)):
-        print(f"{name:22s} {summary(diffs) if diffs else 'no pairs'}")
+    for s in seeds:
+        print(f"{s:>4d} {cell(top1['no'], s, '.2f'):>7s} {cell(top1['t1'], s, '.2f'):>9s} "
+              f"{cell(top1['bf16'], s, '.2f'):>7s} {cell(diffs['bf16'], s, '+.2f'):>10s} {cell(diffs['t1'], s, '+.2f'):>7s}")
+    for tag, name in (("bf16", "bf16 - fp32"), ("t1", "1 thread - 2 threads")):
+        print(f"{name:22s} {summary(list(diffs[tag].values())) if diffs[tag] else 'no pairs'}")
     print("mean wall seconds per run (report.json timings.total): " + ", ".join(
         f"{tag} {sum(s) / len(s):.0f} s" for tag, s in seconds.items() if s))
 
@@ -133,8 +130,7 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4))
     for dx, tag, label in ((-0.15, "bf16", "bf16 - fp32"), (0.15, "t1", "fp32 1 thread - fp32 2 threads")):
-        xs = [s for s in seeds if s in top1[tag] and s in top1["no"]]
-        ax.bar([s + dx for s in xs], [top1[tag][s] - top1["no"][s] for s in xs], width=0.3, label=label)
+        ax.bar([s + dx for s in diffs[tag]], list(diffs[tag].values()), width=0.3, label=label)
     ax.axhspan(-1, 1, color="0.9", zorder=0, label="within 1 point")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("seed")
