@@ -62,14 +62,17 @@ def read_run(out: Path, seed: int, precision: str, args: argparse.Namespace) -> 
 
 
 def summary(diffs: list[float], resamples: int = 10_000) -> str:
-    """Mean, median, mean |d|, count beyond 1 point and a bootstrap 95 % interval of the mean."""
+    """Mean, median, standard deviation, mean |d|, count beyond 1 point, signs and a bootstrap 95 %
+    interval of the mean."""
     d = torch.tensor(diffs, dtype=torch.float64)
     g = torch.Generator().manual_seed(0)
     means = d[torch.randint(len(d), (resamples, len(d)), generator=g)].mean(1)
     lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     median = float(torch.quantile(d, 0.5))  # torch.median would give the lower middle value
-    return (f"n {len(d)}  mean {d.mean():+.2f}  median {median:+.2f}  mean|d| {d.abs().mean():.2f}  "
-            f"|d|>1: {int((d.abs().round(decimals=2) > 1).sum())}  95% bootstrap of the mean [{lo:+.2f}, {hi:+.2f}]")
+    sd = f"{d.std():.2f}" if len(d) > 1 else "-"
+    return (f"n {len(d)}  mean {d.mean():+.2f}  median {median:+.2f}  sd {sd}  mean|d| {d.abs().mean():.2f}  "
+            f"|d|>1: {int((d.abs().round(decimals=2) > 1).sum())}  below/above/equal {int((d < 0).sum())}/"
+            f"{int((d > 0).sum())}/{int((d == 0).sum())}  95% bootstrap of the mean [{lo:+.2f}, {hi:+.2f}]")
 
 
 def main() -> None:
