@@ -13,11 +13,19 @@ seed, then for bf16 - fp32 and 1 thread - 2 threads: mean, median, mean |differe
 seeds differ by more than 1 point, and a 95 % bootstrap interval of the mean over seeds. Draws
 the differences per seed to ``--plot``.
 
-    python benchmarks/mixed_precision.py --seeds 0-19 [--runs runs] [--report-only]
+``--reprobe`` splits bf16's effect between the distillation and the probe's feature pass: each
+fp32 run's student is probed again with features extracted under bf16 autocast, and each bf16
+run's student with features extracted in fp32 (one worker process per precision; the results are
+kept beside each run in ``reprobe-<precision>.json``, keyed by the student checkpoint's sha256).
+As a check that the worker rebuilds the run's probe faithfully, every fp32 run's student is also
+probed in fp32 again and must reproduce its report's figure.
+
+    python benchmarks/mixed_precision.py --seeds 0-19 [--runs runs] [--report-only] [--reprobe]
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -61,6 +69,70 @@ def read_run(out: Path, seed: int, precision: str, args: argparse.Namespace) -> 
     return round(float(row["value"]), 2), float(report["timings"]["total"])
 
 
+def probe_worker(precision: str, runs: list[Path]) -> None:
+    """Print one JSON line per run: its distilled student's probe top-1 with features under ``precision``.
+
+    Rebuilds the run from its ``report.json`` (config) and its distillation stage's ``final.pt``
+    as ``run_transfer`` does, and probes with the same split, probe config and probe seed.
+    """
+    import tempfile
+
+    from xmodal.config import from_dict
+    from xmodal.engine import Engine
+    from xmodal.modalities import build_modality
+    from xmodal.tasks.linear_probe import linear_probe
+    from xmodal.tasks.subset import open_split
+    from xmodal.tasks.supervised import build_backbone
+    from xmodal.tasks.transfer import TransferConfig
+
+    engine = Engine(Path(tempfile.mkdtemp(prefix="reprobe-")), mixed_precision=precision, log=False, num_workers=0)
+    for run in runs:
+        report = json.loads((run / "report.json").read_text())
+        cfg = from_dict(TransferConfig, report["config"])
+        (method,) = cfg.distill.methods
+        modality = build_modality(cfg.modality.name, teacher_view=cfg.modality.teacher_view,
+                                  student_view=cfg.modality.student_view, **cfg.modality.options)
+        d = cfg.data
+        train = open_split(d, d.probe_train, cfg.seed, augment=False, labeled=True, role="probe_train")
+        test = open_split(d, d.probe_test, cfg.seed, augment=False, labeled=True, role="probe_test")
+        checkpoint = run / "stages" / f"distill-{method}" / "final.pt"
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        student = build_backbone(cfg.student, modality.student_channels, 0, cfg.seed + 1)
+        student.load_state_dict({k[len("student."):]: t for k, t in state.items() if k.startswith("student.")})
+        view = lambda batch: modality.views(batch, [modality.student_view])[modality.student_view]  # noqa: E731
+        top1 = linear_probe(engine, student, train, test, view, len(train.classes), cfg.linear_probe,
+                            seed=cfg.seed, name=f"reprobe {run.name}")["top1"]
+        print(json.dumps({"run": str(run), "sha256": sha256(checkpoint), "top1": round(float(top1), 2)}), flush=True)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def reprobe(runs: list[Path], precision: str) -> dict[Path, float]:
+    """Probe top-1 of each run's student with features under ``precision``, cached beside the run."""
+    found: dict[Path, float] = {}
+    todo = []
+    for run in runs:
+        cache = run / f"reprobe-{precision}.json"
+        checkpoint = next((run / "stages").glob("distill-*/final.pt"))
+        if cache.exists() and json.loads(cache.read_text())["sha256"] == sha256(checkpoint):
+            found[run] = json.loads(cache.read_text())["top1"]
+        else:
+            todo.append(run)
+    if todo:
+        print(f"[mixed_precision] probing {len(todo)} students with features in {precision}", file=sys.stderr, flush=True)
+        out = subprocess.run([sys.executable, __file__, "--probe-worker", precision, *map(str, todo)],
+                             check=True, stdout=subprocess.PIPE, text=True).stdout
+        for line in out.splitlines():
+            if line.startswith("{"):
+                row = json.loads(line)
+                run = Path(row["run"])
+                (run / f"reprobe-{precision}.json").write_text(json.dumps({**row, "precision": precision}) + "\n")
+                found[run] = row["top1"]
+    return found
+
+
 def summary(diffs: list[float], resamples: int = 10_000) -> str:
     """Mean, median, standard deviation, mean |d|, count beyond 1 point, signs and a bootstrap 95 %
     interval of the mean."""
@@ -87,7 +159,12 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="read the runs that exist; start none")
     parser.add_argument("--no-one-thread", action="store_true", help="start only the fp32 and bf16 runs")
     parser.add_argument("--plot", type=Path, default=None, help="default: <runs>/<prefix>.png")
+    parser.add_argument("--reprobe", action="store_true",
+                        help="also probe fp32 students with bf16 features and bf16 students with fp32 features")
+    parser.add_argument("--probe-worker", nargs="+", metavar=("PRECISION", "RUN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.probe_worker:
+        return probe_worker(args.probe_worker[0], [Path(r) for r in args.probe_worker[1:]])
     seeds = parse_seeds(args.seeds)
     if not args.report_only and not args.teacher.is_file():
         raise SystemExit(f"--teacher {args.teacher}: no such file; run `xmodal run lab-color-transfer` first, "
@@ -125,6 +202,8 @@ def main() -> None:
         print(f"{name:22s} {summary(list(diffs[tag].values())) if diffs[tag] else 'no pairs'}")
     print("mean wall seconds per run (report.json timings.total): " + ", ".join(
         f"{tag} {sum(s) / len(s):.0f} s" for tag, s in seconds.items() if s))
+    if args.reprobe:
+        report_reprobe(args, top1, [s for s in seeds if s in diffs["bf16"]])
 
     import matplotlib
     matplotlib.use("Agg")
@@ -144,6 +223,28 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(plot, dpi=120)
     print(f"plot: {plot}")
+
+
+def report_reprobe(args: argparse.Namespace, top1: dict[str, dict[int, float]], seeds: list[int]) -> None:
+    """Split bf16 - fp32 into what the distillation changed and what the probe's feature pass changed."""
+    run = lambda tag, s: args.runs / f"{args.prefix}-{tag}-s{s}"  # noqa: E731
+    fp32_students = {s: run("no", s) for s in seeds}
+    bf16_students = {s: run("bf16", s) for s in seeds}
+    again = reprobe(list(fp32_students.values()), "no")
+    in_bf16 = reprobe(list(fp32_students.values()), "bf16")
+    in_fp32 = reprobe(list(bf16_students.values()), "no")
+    same = sum(again[fp32_students[s]] == top1["no"][s] for s in seeds)
+    print(f"reprobe: fp32 students probed in fp32 again reproduce their reports on {same} of {len(seeds)} seeds")
+    print(f"{'seed':>4s} {'fp32':>7s} {'bf16':>7s} {'fp32 st., bf16 feats':>21s} {'bf16 st., fp32 feats':>21s}")
+    for s in seeds:
+        print(f"{s:>4d} {top1['no'][s]:>7.2f} {top1['bf16'][s]:>7.2f} {in_bf16[fp32_students[s]]:>21.2f} "
+              f"{in_fp32[bf16_students[s]]:>21.2f}")
+    rows = (("distillation: bf16 - fp32 students, both probed in fp32",
+             [in_fp32[bf16_students[s]] - top1["no"][s] for s in seeds]),
+            ("probe features: bf16 - fp32, fp32 students", [in_bf16[fp32_students[s]] - top1["no"][s] for s in seeds]),
+            ("probe features: bf16 - fp32, bf16 students", [top1["bf16"][s] - in_fp32[bf16_students[s]] for s in seeds]))
+    for name, d in rows:
+        print(f"{name}\n    {summary(d)}")
 
 
 if __name__ == "__main__":
