@@ -109,13 +109,13 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def reprobe(runs: list[Path], precision: str) -> dict[Path, float]:
+def reprobe(runs: list[Path], precision: str, method: str) -> dict[Path, float]:
     """Probe top-1 of each run's student with features under ``precision``, cached beside the run."""
     found: dict[Path, float] = {}
     todo = []
     for run in runs:
         cache = run / f"reprobe-{precision}.json"
-        checkpoint = next((run / "stages").glob("distill-*/final.pt"))
+        checkpoint = run / "stages" / f"distill-{method}" / "final.pt"
         if cache.exists() and json.loads(cache.read_text())["sha256"] == sha256(checkpoint):
             found[run] = json.loads(cache.read_text())["top1"]
         else:
@@ -230,9 +230,9 @@ def report_reprobe(args: argparse.Namespace, top1: dict[str, dict[int, float]], 
     run = lambda tag, s: args.runs / f"{args.prefix}-{tag}-s{s}"  # noqa: E731
     fp32_students = {s: run("no", s) for s in seeds}
     bf16_students = {s: run("bf16", s) for s in seeds}
-    again = reprobe(list(fp32_students.values()), "no")
-    in_bf16 = reprobe(list(fp32_students.values()), "bf16")
-    in_fp32 = reprobe(list(bf16_students.values()), "no")
+    again = reprobe(list(fp32_students.values()), "no", args.method)
+    in_bf16 = reprobe(list(fp32_students.values()), "bf16", args.method)
+    in_fp32 = reprobe(list(bf16_students.values()), "no", args.method)
     same = sum(again[fp32_students[s]] == top1["no"][s] for s in seeds)
     print(f"reprobe: fp32 students probed in fp32 again reproduce their reports on {same} of {len(seeds)} seeds")
     print(f"{'seed':>4s} {'fp32':>7s} {'bf16':>7s} {'fp32 st., bf16 feats':>21s} {'bf16 st., fp32 feats':>21s}")
