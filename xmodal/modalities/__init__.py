@@ -24,4 +24,10 @@ def build_modality(name: str, **options) -> Modality:
     return MODALITIES[name](**options)
 
 
-__all__ = ["Modality", "MODALITIES", "build_modality", "view_fn", "LabModality", "DepthModality", "IdentityModality"]
+def modality_from_config(config) -> Modality:
+    """The adapter a recipe's ``modality:`` section (:class:`xmodal.schema.ModalityConfig`) names."""
+    return build_modality(config.name, teacher_view=config.teacher_view, student_view=config.student_view,
+                          **config.options)
+
+
+__all__ = ["Modality", "MODALITIES", "build_modality", "modality_from_config", "view_fn", "LabModality", "DepthModality", "IdentityModality"]

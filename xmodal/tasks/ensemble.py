@@ -29,7 +29,7 @@ from losses.features import Features
 from xmodal.config import to_dict
 from xmodal.engine import Engine, Stage
 from xmodal.errors import ConfigError
-from xmodal.modalities import Modality, build_modality, view_fn
+from xmodal.modalities import Modality, modality_from_config, view_fn
 from xmodal.schema import ImageDataConfig, ModalityConfig, ModelConfig, RunConfig, SplitConfig, TrainConfig, check_same_classes
 from xmodal.tasks.ensemble_pool import Member, PoolSection, build_pool, check_checkpoints, data_order, ensemble_top1, \
     resolve_pool
@@ -228,8 +228,7 @@ def _warm_start(engine: Engine, module: EnsembleDistiller, features, dataset: Da
 def run_ensemble(cfg: EnsembleConfig, engine: Engine) -> dict[str, Any]:
     """Run every stage of an ensemble recipe and return the report's content."""
     began = time.perf_counter()
-    modality = build_modality(cfg.modality.name, teacher_view=cfg.modality.teacher_view,
-                              student_view=cfg.modality.student_view, **cfg.modality.options)
+    modality = modality_from_config(cfg.modality)
     members = resolve_pool(cfg.teachers, modality)
     counts = _teacher_counts(cfg, len(members))
     weights = _teacher_weights(cfg, len(members))

@@ -27,7 +27,7 @@ from xmodal.config import to_dict
 from xmodal.data import build_dataset
 from xmodal.engine import Engine
 from xmodal.errors import ConfigError, DataError
-from xmodal.modalities import build_modality, view_fn
+from xmodal.modalities import modality_from_config, view_fn
 from xmodal.models import build_model, load_weights_into
 from xmodal.schema import DataConfig, ModalityConfig, ModelConfig, RunConfig, SplitConfig, TrainConfig
 from xmodal.tasks.distill import distill_stages, needs_logits, resolve_method
@@ -194,8 +194,7 @@ def _teacher(cfg: RGBDConfig, engine: Engine, in_channels: int) -> nn.Module:
 def run_rgbd(cfg: RGBDConfig, engine: Engine) -> dict[str, Any]:
     """Run every stage of an RGB -> depth recipe and return the report's content."""
     began = time.perf_counter()
-    modality = build_modality(cfg.modality.name, teacher_view=cfg.modality.teacher_view,
-                              student_view=cfg.modality.student_view, **cfg.modality.options)
+    modality = modality_from_config(cfg.modality)
     teacher_view, student_view = view_fn(modality, modality.teacher_view), view_fn(modality, modality.student_view)
 
     distill_set = _distill_set(cfg)

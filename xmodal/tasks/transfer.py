@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from xmodal.config import to_dict
 from xmodal.engine import Engine
 from xmodal.errors import ConfigError
-from xmodal.modalities import Modality, build_modality
+from xmodal.modalities import Modality, modality_from_config
 from xmodal.models import save_backbone
 from xmodal.models.checkpoint import load_weights_into, read_checkpoint
 from xmodal.schema import (ImageDataConfig, ModalityConfig, ModelConfig, OptimConfig, RunConfig, SplitConfig,
@@ -131,11 +131,17 @@ class _Views:
         return self._both(batch)[self.modality.student_view]
 
 
+def build_student(cfg: TransferConfig, modality: Modality, method: str, teacher_classes: int) -> nn.Module:
+    """``method``'s student before distillation: every method's starts from the same weights
+    (seed + 1), with a classifier over the teacher's classes only when ``method`` needs logits."""
+    return build_backbone(cfg.student, modality.student_channels,
+                          teacher_classes if needs_logits(method) else 0, cfg.seed + 1)
+
+
 def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     """Run every stage of a transfer recipe and return the report's content."""
     began = time.perf_counter()
-    modality = build_modality(cfg.modality.name, teacher_view=cfg.modality.teacher_view,
-                              student_view=cfg.modality.student_view, **cfg.modality.options)
+    modality = modality_from_config(cfg.modality)
     views = _Views(modality)
     d = cfg.data
     teacher_train = open_split(d, d.teacher, cfg.seed, augment=True, labeled=True, role="teacher")
@@ -166,10 +172,6 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     shared = {"student": record["student"], "teacher": record["teacher"], "data": record["data"],
               "modality": record["modality"], "seed": cfg.seed}
 
-    def new_student(method: str) -> nn.Module:
-        return build_backbone(cfg.student, modality.student_channels,
-                              teacher_classes if needs_logits(method) else 0, cfg.seed + 1)
-
     def stages_of(method: str, student: nn.Module, teacher: nn.Module) -> list:
         return distill_stages(engine, method, student, teacher, distill_set, views.teacher, views.student,
                               cfg.distill.train, weights=cfg.distill.weights, loss_options=cfg.distill.loss_options,
@@ -186,7 +188,7 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
         scratch_teacher = build_backbone(cfg.teacher.model, modality.teacher_channels, teacher_classes, cfg.seed)
         for method in cfg.distill.methods:
             if method != "random":
-                stages_of(method, new_student(method), scratch_teacher)
+                stages_of(method, build_student(cfg, modality, method, teacher_classes), scratch_teacher)
         del scratch_teacher
 
     # 1. teacher
@@ -211,7 +213,7 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     rows = []
     for method in cfg.distill.methods:
         t0 = time.perf_counter()
-        student = new_student(method)
+        student = build_student(cfg, modality, method, teacher_classes)
         stages = stages_of(method, student, teacher) if method != "random" else []
         for stage in stages:
             engine.run(stage)
