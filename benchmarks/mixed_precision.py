@@ -9,8 +9,9 @@ For every seed, three runs of the same command (docs/reliability.md, "Mixed prec
 
 Runs whose ``report.json`` exists are read, not rerun, after checking that they ran this command
 (seed, precision, method, epochs); a folder holding another run is an error. Prints one row per
-seed, then for bf16 - fp32 and 1 thread - 2 threads: mean, median, mean |difference|, how many
-seeds differ by more than 1 point, and a 95 % bootstrap interval of the mean over seeds. Draws
+seed, then for bf16 - fp32 and 1 thread - 2 threads: mean, median, standard deviation, mean
+|difference|, how many seeds differ by more than 1 point, how many are below / above / equal, and
+a 95 % bootstrap interval of the mean over seeds. Draws
 the differences per seed to ``--plot``.
 
 ``--reprobe`` splits bf16's effect between the distillation and the probe's feature pass: each
@@ -25,6 +26,7 @@ probed in fp32 again and must reproduce its report's figure.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -72,39 +74,46 @@ def read_run(out: Path, seed: int, precision: str, args: argparse.Namespace) -> 
 def probe_worker(precision: str, runs: list[Path]) -> None:
     """Print one JSON line per run: its distilled student's probe top-1 with features under ``precision``.
 
-    Rebuilds the run from its ``report.json`` (config) and its distillation stage's ``final.pt``
-    as ``run_transfer`` does, and probes with the same split, probe config and probe seed.
+    Rebuilds the run's probe from its ``report.json`` (config) and its distillation stage's
+    ``final.pt`` with the pieces ``run_transfer`` uses: the same splits, student, view, probe
+    config and probe seed.
     """
     import tempfile
 
     from xmodal.config import from_dict
     from xmodal.engine import Engine
-    from xmodal.modalities import build_modality
+    from xmodal.modalities import modality_from_config, view_fn
+    from xmodal.models.checkpoint import read_checkpoint
     from xmodal.tasks.linear_probe import linear_probe
     from xmodal.tasks.subset import open_split
-    from xmodal.tasks.supervised import build_backbone
-    from xmodal.tasks.transfer import TransferConfig
+    from xmodal.tasks.transfer import TransferConfig, build_student
 
     engine = Engine(Path(tempfile.mkdtemp(prefix="reprobe-")), mixed_precision=precision, log=False, num_workers=0)
     for run in runs:
-        report = json.loads((run / "report.json").read_text())
-        cfg = from_dict(TransferConfig, report["config"])
+        cfg = from_dict(TransferConfig, json.loads((run / "report.json").read_text())["config"])
         (method,) = cfg.distill.methods
-        modality = build_modality(cfg.modality.name, teacher_view=cfg.modality.teacher_view,
-                                  student_view=cfg.modality.student_view, **cfg.modality.options)
+        modality = modality_from_config(cfg.modality)
         d = cfg.data
         train = open_split(d, d.probe_train, cfg.seed, augment=False, labeled=True, role="probe_train")
         test = open_split(d, d.probe_test, cfg.seed, augment=False, labeled=True, role="probe_test")
-        checkpoint = run / "stages" / f"distill-{method}" / "final.pt"
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        student = build_backbone(cfg.student, modality.student_channels, 0, cfg.seed + 1)
+        teacher_classes = int(read_checkpoint(cfg.teacher.checkpoint, role="teacher")["num_classes"])
+        student = build_student(cfg, modality, method, teacher_classes)
+        # The stage's final.pt holds the whole distillation module; the student is its "student." part.
+        state = torch.load(student_checkpoint(run, method), map_location="cpu", weights_only=False)
         student.load_state_dict({k[len("student."):]: t for k, t in state.items() if k.startswith("student.")})
-        view = lambda batch: modality.views(batch, [modality.student_view])[modality.student_view]  # noqa: E731
-        top1 = linear_probe(engine, student, train, test, view, len(train.classes), cfg.linear_probe,
-                            seed=cfg.seed, name=f"reprobe {run.name}")["top1"]
-        print(json.dumps({"run": str(run), "sha256": sha256(checkpoint), "top1": round(float(top1), 2)}), flush=True)
+        top1 = linear_probe(engine, student, train, test, view_fn(modality, modality.student_view),
+                            len(train.classes), cfg.linear_probe, seed=cfg.seed, name=f"reprobe {run.name}")["top1"]
+        print(json.dumps({"run": str(run), "top1": round(float(top1), 2)}), flush=True)
 
 
+def student_checkpoint(run: Path, method: str) -> Path:
+    """The weights the run's distillation of ``method`` ended with (Engine.run writes them)."""
+    from xmodal.engine import FINAL
+
+    return run / "stages" / f"distill-{method}" / FINAL
+
+
+@functools.lru_cache(maxsize=None)
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -115,9 +124,9 @@ def reprobe(runs: list[Path], precision: str, method: str) -> dict[Path, float]:
     todo = []
     for run in runs:
         cache = run / f"reprobe-{precision}.json"
-        checkpoint = run / "stages" / f"distill-{method}" / "final.pt"
-        if cache.exists() and json.loads(cache.read_text())["sha256"] == sha256(checkpoint):
-            found[run] = json.loads(cache.read_text())["top1"]
+        kept = json.loads(cache.read_text()) if cache.exists() else {}
+        if kept.get("sha256") == sha256(student_checkpoint(run, method)):
+            found[run] = kept["top1"]
         else:
             todo.append(run)
     if todo:
@@ -128,7 +137,8 @@ def reprobe(runs: list[Path], precision: str, method: str) -> dict[Path, float]:
             if line.startswith("{"):
                 row = json.loads(line)
                 run = Path(row["run"])
-                (run / f"reprobe-{precision}.json").write_text(json.dumps({**row, "precision": precision}) + "\n")
+                row.update(precision=precision, sha256=sha256(student_checkpoint(run, method)))
+                (run / f"reprobe-{precision}.json").write_text(json.dumps(row) + "\n")
                 found[run] = row["top1"]
     return found
 
@@ -164,7 +174,8 @@ def main() -> None:
     parser.add_argument("--probe-worker", nargs="+", metavar=("PRECISION", "RUN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe_worker:
-        return probe_worker(args.probe_worker[0], [Path(r) for r in args.probe_worker[1:]])
+        probe_worker(args.probe_worker[0], [Path(r) for r in args.probe_worker[1:]])
+        return
     seeds = parse_seeds(args.seeds)
     if not args.report_only and not args.teacher.is_file():
         raise SystemExit(f"--teacher {args.teacher}: no such file; run `xmodal run lab-color-transfer` first, "
