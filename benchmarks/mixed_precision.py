@@ -11,7 +11,8 @@ Runs whose ``report.json`` exists are read, not rerun, after checking that they 
 (seed, precision, method, epochs); a folder holding another run is an error. Prints one row per
 seed, then for bf16 - fp32 and 1 thread - 2 threads: mean, median, standard deviation, mean
 |difference|, how many seeds differ by more than 1 point, how many are below / above / equal, and
-a 95 % bootstrap interval of the mean over seeds. Draws
+a 95 % bootstrap interval of the mean over seeds; then whether bf16 - fp32 is shown within
+``--margin`` points (two one-sided tests on the mean, with the seeds a decision would need). Draws
 the differences per seed to ``--plot``.
 
 ``--reprobe`` splits bf16's effect between the distillation and the probe's feature pass: each
@@ -157,6 +158,54 @@ def summary(diffs: list[float], resamples: int = 10_000) -> str:
             f"{int((d > 0).sum())}/{int((d == 0).sum())}  95% bootstrap of the mean [{lo:+.2f}, {hi:+.2f}]")
 
 
+def equivalence(diffs: list[float], margin: float = 1.0, resamples: int = 10_000) -> dict:
+    """Is the mean difference within ``±margin``? Two one-sided tests at 5 % (TOST).
+
+    Equivalence is shown when the 90 % interval of the mean lies inside ``(-margin, margin)``; a
+    difference beyond the margin is shown when the 95 % interval lies wholly outside it. The
+    interval is Student's t (``mean ± t(0.95, n-1) sd / sqrt(n)``); the bootstrap 90 % interval
+    (percentiles of resampled means, as in ``summary``) is returned beside it as a second
+    formulation. ``seeds`` is how many seeds would make the t half-width fit between the mean and
+    the margin at this mean and sd (normal approximation; ``None`` when ``|mean| >= margin``).
+    """
+    import math
+
+    from scipy import stats
+
+    d = torch.tensor(diffs, dtype=torch.float64)
+    n = len(d)
+    if n < 2:
+        raise ValueError(f"equivalence needs at least 2 differences, got {n}")
+    mean, sd = float(d.mean()), float(d.std())
+    half = {level: float(stats.t.ppf(level, n - 1)) * sd / math.sqrt(n) for level in (0.95, 0.975)}
+    g = torch.Generator().manual_seed(0)
+    means = d[torch.randint(n, (resamples, n), generator=g)].mean(1)
+    boot = torch.quantile(means, torch.tensor([0.05, 0.95], dtype=torch.float64)).tolist()
+    t90 = (mean - half[0.95], mean + half[0.95])
+    t95 = (mean - half[0.975], mean + half[0.975])
+    if -margin < t90[0] and t90[1] < margin:
+        verdict = "within"
+    elif t95[0] > margin or t95[1] < -margin:
+        verdict = "beyond"
+    else:
+        verdict = "undecided"
+    room = margin - abs(mean)
+    seeds = math.ceil((stats.norm.ppf(0.95) * sd / room) ** 2) if room > 0 else None
+    return {"n": n, "mean": mean, "sd": sd, "t90": t90, "t95": t95, "bootstrap90": tuple(boot),
+            "verdict": verdict, "seeds": seeds, "margin": margin}
+
+
+def format_equivalence(e: dict) -> str:
+    words = {"within": f"shown within ±{e['margin']:g} point",
+             "beyond": f"shown beyond {e['margin']:g} point (95% t interval outside the margin)",
+             "undecided": "undecided"}
+    need = (f"if mean and sd held, about {e['seeds']} seeds would show it within" if e["seeds"]
+            else f"|mean| is not below {e['margin']:g}: at this mean no number of seeds shows it within")
+    return (f"equivalence at ±{e['margin']:g} (two one-sided tests, 5%): 90% t interval of the mean "
+            f"[{e['t90'][0]:+.2f}, {e['t90'][1]:+.2f}], bootstrap [{e['bootstrap90'][0]:+.2f}, "
+            f"{e['bootstrap90'][1]:+.2f}] -> {words[e['verdict']]}; {need}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0-9")
@@ -169,6 +218,7 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="read the runs that exist; start none")
     parser.add_argument("--no-one-thread", action="store_true", help="start only the fp32 and bf16 runs")
     parser.add_argument("--plot", type=Path, default=None, help="default: <runs>/<prefix>.png")
+    parser.add_argument("--margin", type=float, default=1.0, help="equivalence margin in points (issue 6: 1)")
     parser.add_argument("--reprobe", action="store_true",
                         help="also probe fp32 students with bf16 features and bf16 students with fp32 features")
     parser.add_argument("--probe-worker", nargs="+", metavar=("PRECISION", "RUN"), help=argparse.SUPPRESS)
@@ -211,6 +261,8 @@ def main() -> None:
               f"{cell(top1['bf16'], s, '.2f'):>7s} {cell(diffs['bf16'], s, '+.2f'):>10s} {cell(diffs['t1'], s, '+.2f'):>7s}")
     for tag, name in (("bf16", "bf16 - fp32"), ("t1", "1 thread - 2 threads")):
         print(f"{name:22s} {summary(list(diffs[tag].values())) if diffs[tag] else 'no pairs'}")
+    if len(diffs["bf16"]) > 1:
+        print("bf16 - fp32 " + format_equivalence(equivalence(list(diffs["bf16"].values()), args.margin)))
     print("mean wall seconds per run (report.json timings.total): " + ", ".join(
         f"{tag} {sum(s) / len(s):.0f} s" for tag, s in seconds.items() if s))
     if args.reprobe:
