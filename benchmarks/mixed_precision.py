@@ -12,7 +12,9 @@ Runs whose ``report.json`` exists are read, not rerun, after checking that they 
 seed, then for bf16 - fp32 and 1 thread - 2 threads: mean, median, standard deviation, mean
 |difference|, how many seeds differ by more than 1 point, how many are below / above / equal, and
 a 95 % bootstrap interval of the mean over seeds; then whether bf16 - fp32 is shown within
-``--margin`` points (two one-sided tests on the mean, with the seeds a decision would need). Draws
+``--margin`` points (two one-sided tests on the mean, with the seeds a decision would need);
+with ``--against PREFIX``, the bf16 runs set against PREFIX's bf16 runs of the same seeds (a
+variant's runs against plain bf16, sharing the fp32 runs). Draws
 the differences per seed to ``--plot``.
 
 ``--reprobe`` splits bf16's effect between the distillation and the probe's feature pass: each
@@ -144,13 +146,20 @@ def reprobe(runs: list[Path], precision: str, method: str) -> dict[Path, float]:
     return found
 
 
+def bootstrap_interval(d: torch.Tensor, level: float, resamples: int = 10_000) -> tuple[float, float]:
+    """Central ``level`` percentile interval of the mean of ``d`` over resamples (fixed generator)."""
+    g = torch.Generator().manual_seed(0)
+    means = d[torch.randint(len(d), (resamples, len(d)), generator=g)].mean(1)
+    tails = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(means, tails).tolist()
+    return lo, hi
+
+
 def summary(diffs: list[float], resamples: int = 10_000) -> str:
     """Mean, median, standard deviation, mean |d|, count beyond 1 point, signs and a bootstrap 95 %
     interval of the mean."""
     d = torch.tensor(diffs, dtype=torch.float64)
-    g = torch.Generator().manual_seed(0)
-    means = d[torch.randint(len(d), (resamples, len(d)), generator=g)].mean(1)
-    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    lo, hi = bootstrap_interval(d, 0.95, resamples)
     median = float(torch.quantile(d, 0.5))  # torch.median would give the lower middle value
     sd = f"{d.std():.2f}" if len(d) > 1 else "-"
     return (f"n {len(d)}  mean {d.mean():+.2f}  median {median:+.2f}  sd {sd}  mean|d| {d.abs().mean():.2f}  "
@@ -178,9 +187,7 @@ def equivalence(diffs: list[float], margin: float = 1.0, resamples: int = 10_000
         raise ValueError(f"equivalence needs at least 2 differences, got {n}")
     mean, sd = float(d.mean()), float(d.std())
     half = {level: float(stats.t.ppf(level, n - 1)) * sd / math.sqrt(n) for level in (0.95, 0.975)}
-    g = torch.Generator().manual_seed(0)
-    means = d[torch.randint(n, (resamples, n), generator=g)].mean(1)
-    boot = torch.quantile(means, torch.tensor([0.05, 0.95], dtype=torch.float64)).tolist()
+    boot = bootstrap_interval(d, 0.90, resamples)
     t90 = (mean - half[0.95], mean + half[0.95])
     t95 = (mean - half[0.975], mean + half[0.975])
     if -margin < t90[0] and t90[1] < margin:
@@ -191,7 +198,7 @@ def equivalence(diffs: list[float], margin: float = 1.0, resamples: int = 10_000
         verdict = "undecided"
     room = margin - abs(mean)
     seeds = math.ceil((stats.norm.ppf(0.95) * sd / room) ** 2) if room > 0 else None
-    return {"n": n, "mean": mean, "sd": sd, "t90": t90, "t95": t95, "bootstrap90": tuple(boot),
+    return {"n": n, "mean": mean, "sd": sd, "t90": t90, "t95": t95, "bootstrap90": boot,
             "verdict": verdict, "seeds": seeds, "margin": margin}
 
 
@@ -219,6 +226,8 @@ def main() -> None:
     parser.add_argument("--no-one-thread", action="store_true", help="start only the fp32 and bf16 runs")
     parser.add_argument("--plot", type=Path, default=None, help="default: <runs>/<prefix>.png")
     parser.add_argument("--margin", type=float, default=1.0, help="equivalence margin in points (issue 6: 1)")
+    parser.add_argument("--against", metavar="PREFIX", default=None,
+                        help="also set this prefix's bf16 runs against PREFIX's bf16 runs of the same seeds")
     parser.add_argument("--reprobe", action="store_true",
                         help="also probe fp32 students with bf16 features and bf16 students with fp32 features")
     parser.add_argument("--probe-worker", nargs="+", metavar=("PRECISION", "RUN"), help=argparse.SUPPRESS)
@@ -263,6 +272,11 @@ def main() -> None:
         print(f"{name:22s} {summary(list(diffs[tag].values())) if diffs[tag] else 'no pairs'}")
     if len(diffs["bf16"]) > 1:
         print("bf16 - fp32 " + format_equivalence(equivalence(list(diffs["bf16"].values()), args.margin)))
+    if args.against:
+        other = {s: read_run(args.runs / f"{args.against}-bf16-s{s}", s, "bf16", args)[0] for s in diffs["bf16"]}
+        print(f"against {args.against}: bf16 - fp32 of its runs on the same seeds, then bf16 ({args.prefix}) - bf16 ({args.against})")
+        print(f"    {summary([other[s] - top1['no'][s] for s in other])}")
+        print(f"    {summary([top1['bf16'][s] - other[s] for s in other])}")
     print("mean wall seconds per run (report.json timings.total): " + ", ".join(
         f"{tag} {sum(s) / len(s):.0f} s" for tag, s in seconds.items() if s))
     if args.reprobe:
