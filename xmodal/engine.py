@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -177,6 +178,7 @@ class Engine:
             raise ConfigError(f"mixed_precision={mixed_precision!r}: expected 'no', 'fp16' or 'bf16'")
         self.output_dir = Path(output_dir)
         self.seed, self.num_workers = seed, num_workers
+        _release_single_process_state()
         self.accelerator = Accelerator(
             mixed_precision=mixed_precision,
             cpu=cpu,
@@ -220,6 +222,19 @@ class Engine:
     @property
     def world(self) -> int:
         return self.accelerator.num_processes
+
+    def barrier(self) -> None:
+        """Wait until every process gets here.
+
+        CPU processes wait on a plain barrier: Accelerate's ``wait_for_everyone`` names the rank's
+        accelerator index (``device_ids=[local rank]``), which on a machine with fewer GPUs than
+        processes makes a ``--cpu`` launch fail with "CUDA error: invalid device ordinal" (seen
+        with two processes on a one-GPU H100 machine).
+        """
+        if self.world > 1 and self.device.type == "cpu":
+            dist.barrier()
+        else:
+            self.accelerator.wait_for_everyone()
 
     def _config_path(self) -> Path:
         """``config.yaml``, or ``config.N.yaml`` when the folder already records another config.
@@ -349,7 +364,7 @@ class Engine:
                 raise NonFiniteLossError(f"stage {stage.name!r}: {key} holds NaN/Inf after epoch {epoch}; no checkpoint written")
         rng = _gather_rng_states(self.world)
         if not self.is_main:
-            self.accelerator.wait_for_everyone()
+            self.barrier()
             return
         atomic_save(
             {
@@ -364,7 +379,7 @@ class Engine:
             },
             folder / CHECKPOINT,
         )
-        self.accelerator.wait_for_everyone()
+        self.barrier()
 
     def _resume(self, folder: Path, stage: Stage, module: nn.Module, optimizer, scheduler) -> dict[str, Any]:
         path = folder / CHECKPOINT
@@ -420,7 +435,7 @@ class Engine:
             # The stage is finished: final.pt and result.json replace the resumable checkpoint
             # (which also holds the optimiser state, about as large again).
             (folder / CHECKPOINT).unlink(missing_ok=True)
-        self.accelerator.wait_for_everyone()
+        self.barrier()
         return result
 
     def stage_result(self, name: str) -> Optional[dict[str, Any]]:
@@ -443,11 +458,31 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`_rng_state` saved. The checkpoint was loaded onto the run's device,
+    so the generators' states (byte tensors the generators only take on the CPU) come back to
+    the CPU first; CUDA states are restored for the GPUs saved and present (a run resumed on a
+    machine with fewer or no GPUs keeps the rest at their seeds)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), index)
+
+
+def _release_single_process_state() -> None:
+    """Let a new Engine in an unlaunched process choose its own device and precision.
+
+    Accelerate keeps one state per process and refuses an Accelerator that asks for another
+    device or precision than the first one did ("restart your runtime"); on a machine with a
+    GPU, an ``Engine(cpu=False)`` followed by an ``Engine(cpu=True)`` in one Python session
+    would fail, and one the other way round would silently stay on the CPU. An Engine is one
+    run, so in a single process the previous run's state is dropped (an earlier Engine should
+    not be used after a new one is made). Launched processes (several) keep theirs: every rank
+    was started with the launch's settings.
+    """
+    if PartialState._shared_state and PartialState._shared_state.get("num_processes", 1) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _gather_rng_states(world: int) -> list[dict[str, Any]]:

@@ -127,3 +127,50 @@ def test_corrupt_checkpoint_gets_a_clear_error(engine):
     (folder / CHECKPOINT).write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot be read"):
         engine.run(_stage())
+
+
+class _OnDevice:
+    """Stands in for a generator state that ``torch.load(map_location="cuda")`` put on a GPU:
+    only ``.cpu()`` gives the byte tensor back (there is no GPU here to put a real one on)."""
+
+    def __init__(self, state: torch.Tensor) -> None:
+        self._state = state
+
+    def cpu(self) -> torch.Tensor:
+        return self._state
+
+
+def test_cuda_generator_states_are_restored_from_the_cpu_for_the_gpus_present(monkeypatch):
+    # On a GPU, resume loads the checkpoint onto the device, and torch's CUDA generators take
+    # their state only as a CPU byte tensor ("RNG state must be a torch.ByteTensor", seen on an
+    # H100 before this was mended). A checkpoint from a machine with two GPUs resumed on one
+    # restores the first GPU's state only.
+    import random
+
+    import numpy as np
+
+    from xmodal import engine as engine_module
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    saved = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "cuda": [_OnDevice(s) for s in saved]}
+    engine_module._set_rng_state(state)
+    assert len(restored) == 1
+    (got, device), = restored
+    assert device == 0 and got.device.type == "cpu" and got.dtype == torch.uint8 and torch.equal(got, saved[0])
+
+
+def test_a_later_engine_in_one_process_gets_its_own_precision(tmp_path):
+    # Accelerate keeps one state per process and refused a second Accelerator with another
+    # precision (or, on a GPU machine, cpu=True after a GPU run: seen on an H100). Each Engine
+    # is one run and gets what it asks for, in either order.
+    for precision, dtype in (("bf16", torch.bfloat16), ("no", torch.float32), ("fp16", torch.float16)):
+        engine = Engine(tmp_path / precision, mixed_precision=precision, cpu=True, log=False)
+        assert engine.accelerator.mixed_precision == precision
+        with engine.autocast():
+            out = nn.Conv2d(2, 4, 3)(torch.randn(1, 2, 8, 8))
+        assert out.dtype == dtype and engine.device.type == "cpu"

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 
 from xmodal.cli import main
 from xmodal.engine import Engine
@@ -20,21 +19,17 @@ TINY = [
 
 @pytest.mark.parametrize("precision,dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
 def test_engine_autocast_is_really_low_precision(tmp_path, precision, dtype):
-    AcceleratorState._reset_state(True)
     engine = Engine(tmp_path, mixed_precision=precision, cpu=True, log=False)
     with engine.autocast():
         out = torch.nn.Conv2d(2, 4, 3)(torch.randn(1, 2, 8, 8))
     assert out.dtype == dtype
-    AcceleratorState._reset_state(True)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_distillation_stays_finite(tmp_path, precision):
-    AcceleratorState._reset_state(True)
     out = tmp_path / precision
     assert main(["run", "lab-color-transfer", f"output_dir={out}", f"mixed_precision={precision}", *TINY]) == 0
-    AcceleratorState._reset_state(True)
     for method in ("crd_warm", "kd", "fitnet"):
         history = json.loads((out / "stages" / f"distill-{method}" / "result.json").read_text())["history"]
         assert len(history) == 2
