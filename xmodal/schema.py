@@ -69,10 +69,16 @@ class TrainConfig:
 
 @dataclass
 class ModelConfig:
-    """A backbone by registry name, with builder options (e.g. ``width: 8``)."""
+    """A backbone by registry name, with builder options (e.g. ``width: 8``).
+
+    ``fp32_stem``: run the backbone's stem (first convolution, BN, ReLU) in float32 under
+    ``mixed_precision=bf16`` / ``fp16``; no effect on a float32 run, nor on the weights or
+    checkpoints. Staged backbones only (see ``xmodal.models.base.keep_stem_fp32``).
+    """
 
     arch: str = "resnet8"
     options: dict[str, Any] = field(default_factory=dict)
+    fp32_stem: bool = False
 
 
 @dataclass

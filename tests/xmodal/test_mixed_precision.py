@@ -36,3 +36,19 @@ def test_distillation_stays_finite(tmp_path, precision):
         assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history), (method, history)
         final = torch.load(out / "stages" / f"distill-{method}" / "final.pt", weights_only=False)
         assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_student_stem_in_fp32_is_a_recipe_key(tmp_path, capsys):
+    out = tmp_path / "stem"
+    assert main(["run", "lab-color-transfer", f"output_dir={out}", "mixed_precision=bf16", "student.fp32_stem=true",
+                 *TINY]) == 0
+    assert json.loads((out / "report.json").read_text())["config"]["student"]["fp32_stem"] is True
+    history = json.loads((out / "stages" / "distill-crd_warm" / "result.json").read_text())["history"]
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    # A backbone whose stem runs inside a library's forward is refused before anything is written.
+    refused = tmp_path / "refused"
+    code = main(["run", "lab-color-transfer", f"output_dir={refused}", "mixed_precision=bf16", "student.fp32_stem=true",
+                 "student.arch=smp_resnet18", "student.options={}", *[a for a in TINY if not a.startswith("student.")]])
+    assert code == 2 and not refused.exists()
+    assert "fp32_stem=true: smp_resnet18 runs its stem inside" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from losses.features import Features
@@ -89,7 +90,13 @@ class StagedBackbone(Backbone):
 
     ``post`` exists for pre-activation networks (WRN), whose last stage output is a residual sum
     that the reference normalises and rectifies only for the embedding.
+
+    ``fp32_stem`` (default False; set by :func:`keep_stem_fp32`): the stem runs in float32 even
+    under mixed-precision autocast, and hands the first stage a float32 map (which autocast
+    casts down again at the first convolution). A float32 run computes the same numbers either way.
     """
+
+    fp32_stem = False
 
     def __init__(
         self,
@@ -109,7 +116,11 @@ class StagedBackbone(Backbone):
         self._preact_points = None if preact_points is None else list(preact_points)
 
     def forward_maps(self, x: Tensor) -> list[Tensor]:
-        maps = [self.stem(x)]
+        if self.fp32_stem:
+            with torch.autocast(x.device.type, enabled=False):
+                maps = [self.stem(x.float())]
+        else:
+            maps = [self.stem(x)]
         for stage in self.stages:
             maps.append(stage(maps[-1]))
         return maps
@@ -121,6 +132,21 @@ class StagedBackbone(Backbone):
         if self._preact_points is None:
             return super().preact_points()
         return list(self._preact_points)
+
+
+def keep_stem_fp32(model: nn.Module, arch: str) -> None:
+    """Run ``model``'s stem in float32 under autocast (``ModelConfig.fp32_stem``).
+
+    Under CPU bf16 autocast the Lab recipe's ab student's first convolution carried a
+    systematic gradient error, and keeping its stem in float32 recovered most of bf16's probe
+    deficit (docs/reliability.md, "Mixed precision"). Only backbones whose stem is their own
+    module (:class:`StagedBackbone`: the CIFAR ResNets, WRNs and VGGs, torchvision's ResNets) can;
+    the others run their stem inside a library's forward and get a :class:`ConfigError`.
+    """
+    if not isinstance(model, StagedBackbone):
+        raise ConfigError(f"fp32_stem=true: {arch} runs its stem inside {type(model).__name__}'s own forward; "
+                          "only staged backbones (the CIFAR ResNets, WRNs and VGGs, resnet18/resnet50) can keep it in float32")
+    model.fp32_stem = True
 
 
 def last_relu(module: nn.Module, prefix: str) -> str:

@@ -28,7 +28,7 @@ from xmodal.data import build_dataset
 from xmodal.engine import Engine
 from xmodal.errors import ConfigError, DataError
 from xmodal.modalities import modality_from_config, view_fn
-from xmodal.models import build_model, load_weights_into
+from xmodal.models import load_weights_into
 from xmodal.schema import DataConfig, ModalityConfig, ModelConfig, RunConfig, SplitConfig, TrainConfig
 from xmodal.tasks.distill import distill_stages, needs_logits, resolve_method
 from xmodal.tasks.seg_pictures import save_legend, save_pictures
@@ -37,7 +37,7 @@ from xmodal.tasks.segmentation import (
     segmenter_for,
 )
 from xmodal.tasks.subset import class_balanced_subset
-from xmodal.tasks.supervised import build_backbone
+from xmodal.tasks.supervised import build_backbone, configured_model
 
 #: Critics with a memory bank: their ``nce_k`` negatives must exist among the other N - 1 rows.
 BANK_LOSSES = ("crd", "infonce")
@@ -185,7 +185,7 @@ def _check_batches(cfg: RGBDConfig, n_distill: int, n_seg: int, world: int) -> N
 # -------------------------------------------------------------------- stages
 def _teacher(cfg: RGBDConfig, engine: Engine, in_channels: int) -> nn.Module:
     model = cfg.teacher.model
-    teacher = build_model(model.arch, in_channels=in_channels, num_classes=cfg.teacher.num_classes, **model.options)
+    teacher = configured_model(model, in_channels, cfg.teacher.num_classes)
     if cfg.teacher.checkpoint:
         load_weights_into(teacher, cfg.teacher.checkpoint, role="teacher")
     return teacher.to(engine.device).eval().requires_grad_(False)

@@ -10,13 +10,23 @@ from torch.utils.data import Dataset
 
 from xmodal.engine import Stage
 from xmodal.models import build_model
+from xmodal.models.base import keep_stem_fp32
 from xmodal.schema import ModelConfig, TrainConfig
+
+
+def configured_model(model: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
+    """``model``'s network as its config asks: the arch with its options, the stem in float32
+    under autocast when ``model.fp32_stem``."""
+    net = build_model(model.arch, in_channels=in_channels, num_classes=num_classes, **model.options)
+    if model.fp32_stem:
+        keep_stem_fp32(net, model.arch)
+    return net
 
 
 def build_backbone(model: ModelConfig, in_channels: int, num_classes: int, seed: int) -> nn.Module:
     """``model``'s backbone, initialised from ``seed`` (so every method's student starts alike)."""
     torch.manual_seed(seed)
-    return build_model(model.arch, in_channels=in_channels, num_classes=num_classes, **model.options)
+    return configured_model(model, in_channels, num_classes)
 
 
 def supervised_stage(name: str, model: nn.Module, dataset: Dataset, view: Callable[[Mapping[str, Tensor]], Tensor],
