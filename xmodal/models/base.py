@@ -92,8 +92,9 @@ class StagedBackbone(Backbone):
     that the reference normalises and rectifies only for the embedding.
 
     ``fp32_stem`` (default False; set by :func:`keep_stem_fp32`): the stem runs in float32 even
-    under mixed-precision autocast, and hands the first stage a float32 map (which autocast
-    casts down again at the first convolution). A float32 run computes the same numbers either way.
+    under mixed-precision autocast and hands the first stage a float32 map: autocast casts it down
+    at the first convolution, while a residual sum with it stays float32 (WRN's first stage). A
+    float32 run computes the same numbers either way.
     """
 
     fp32_stem = False
@@ -138,8 +139,8 @@ def keep_stem_fp32(model: nn.Module, arch: str) -> None:
     """Run ``model``'s stem in float32 under autocast (``ModelConfig.fp32_stem``).
 
     Under CPU bf16 autocast the Lab recipe's ab student's first convolution carried a
-    systematic gradient error, and keeping its stem in float32 recovered most of bf16's probe
-    deficit (docs/reliability.md, "Mixed precision"). Only backbones whose stem is their own
+    systematic gradient error; docs/reliability.md ("Mixed precision") measures what keeping
+    the stem in float32 does to the linear probe. Only backbones whose stem is their own
     module (:class:`StagedBackbone`: the CIFAR ResNets, WRNs and VGGs, torchvision's ResNets) can;
     the others run their stem inside a library's forward and get a :class:`ConfigError`.
     """
