@@ -14,8 +14,9 @@ seed, then for bf16 - fp32 and 1 thread - 2 threads: mean, median, standard devi
 a 95 % bootstrap interval of the mean over seeds; then whether bf16 - fp32 is shown within
 ``--margin`` points (two one-sided tests on the mean, with the seeds a decision would need);
 with ``--against PREFIX``, the bf16 runs set against PREFIX's bf16 runs of the same seeds (a
-variant's runs against plain bf16, sharing the fp32 runs). ``--fp32-stem`` makes the bf16 runs keep the
-student's stem in fp32 (``student.fp32_stem=true``), and checks that the runs read did. Draws
+variant's runs against plain bf16, sharing the fp32 runs). ``--fp32-stem student|both`` makes the bf16 runs keep the
+student's stem, or the student's and the teacher's, in fp32 (``student.fp32_stem=true``,
+``teacher.model.fp32_stem=true``), and checks that the runs read did. Draws
 the differences per seed to ``--plot``.
 
 ``--reprobe`` splits bf16's effect between the distillation and the probe's feature pass: each
@@ -54,36 +55,44 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def command(out: Path, seed: int, precision: str, args: argparse.Namespace) -> list[str]:
-    stem = ["student.fp32_stem=true"] if wants_fp32_stem(precision, args) else []
+    student, teacher = wants_fp32_stem(precision, args)
+    stem = ["student.fp32_stem=true"] * student + ["teacher.model.fp32_stem=true"] * teacher
     return [sys.executable, "-m", "xmodal", "run", "lab-color-transfer", f"output_dir={out}", f"seed={seed}",
             f"mixed_precision={precision}", f"teacher.checkpoint={args.teacher}",
             f"distill.methods=[{args.method}]", f"distill.train.epochs={args.epochs}", "protocols=[linear_probe]", *stem]
 
 
-def wants_fp32_stem(precision: str, args: argparse.Namespace) -> bool:
-    """``--fp32-stem`` applies to the bf16 runs: in fp32 the stem computes the same either way
-    (tests/models/test_fp32_stem.py), so a variant shares the plain fp32 runs."""
-    return bool(args.fp32_stem) and precision == "bf16"
+def wants_fp32_stem(precision: str, args: argparse.Namespace) -> tuple[bool, bool]:
+    """(student's, teacher's) stem in fp32 for this run. ``--fp32-stem`` applies to the bf16 runs:
+    in fp32 a stem computes the same either way (tests/models/test_fp32_stem.py), so a variant
+    shares the plain fp32 runs. ``both`` is what stop 15's scratch patch did (every staged
+    backbone of the process: the student and the frozen teacher it distils from)."""
+    if precision != "bf16" or not args.fp32_stem:
+        return False, False
+    return True, args.fp32_stem == "both"
 
 
 # The stem-in-fp32 runs of stop 15 (runs/mpstem-bf16-s10..39) were made with a scratch patch
-# before student.fp32_stem existed; their folders hold the patch under this name.
+# before the fp32_stem keys existed; their folders hold the patch under this name.
 SCRATCH_STEM_PATCH = "EXPERIMENT-fp32stem.patch"
 
 
 def read_run(out: Path, seed: int, precision: str, args: argparse.Namespace,
-             fp32_stem: Optional[bool] = None) -> tuple[float, float]:
+             fp32_stem: Optional[tuple[bool, bool]] = None) -> tuple[float, float]:
     """The run's probe top-1 and wall seconds, after checking the folder holds this command's run
-    (with ``fp32_stem`` None, whichever stem precision it used)."""
+    (``fp32_stem``: the (student, teacher) stems it must have kept in fp32; None: whichever)."""
     report = json.loads((out / "report.json").read_text())
     cfg = report["config"]
     # The teacher path may be written relative or absolute: its last two parts must agree.
     teacher = Path(cfg["teacher"]["checkpoint"] or "").parts[-2:]
-    stem = bool(cfg["student"].get("fp32_stem", False)) or (out / SCRATCH_STEM_PATCH).exists()
+    scratch = (out / SCRATCH_STEM_PATCH).exists()
+    stem = (bool(cfg["student"].get("fp32_stem", False)) or scratch,
+            bool(cfg["teacher"]["model"].get("fp32_stem", False)) or scratch)
     found = (cfg["seed"], cfg["mixed_precision"], cfg["distill"]["methods"], cfg["distill"]["train"]["epochs"], teacher, stem)
     wanted = (seed, precision, [args.method], args.epochs, args.teacher.parts[-2:], stem if fp32_stem is None else fp32_stem)
     if found != wanted:
-        raise SystemExit(f"{out}: holds a run of (seed, mixed_precision, methods, epochs, teacher, fp32_stem) = {found}, "
+        raise SystemExit(f"{out}: holds a run of (seed, mixed_precision, methods, epochs, teacher, fp32 stems of "
+                         f"student and teacher) = {found}, "
                          f"not {wanted}; choose another --runs or --prefix")
     (row,) = [r for r in report["results"] if r["method"] == args.method and r["protocol"] == "linear_probe"]
     # top-1 is a count over the test set in percent, stored as float32: 2 decimals are exact
@@ -245,8 +254,9 @@ def main() -> None:
     parser.add_argument("--margin", type=float, default=1.0, help="equivalence margin in points (issue 6: 1)")
     parser.add_argument("--against", metavar="PREFIX", default=None,
                         help="also set this prefix's bf16 runs against PREFIX's bf16 runs of the same seeds")
-    parser.add_argument("--fp32-stem", action="store_true",
-                        help="bf16 runs keep the student's stem in fp32 (student.fp32_stem=true)")
+    parser.add_argument("--fp32-stem", choices=["student", "both"], default=None,
+                        help="bf16 runs keep the student's stem in fp32 (student.fp32_stem=true), or the "
+                             "student's and the teacher's (both: what stop 15's scratch patch did)")
     parser.add_argument("--reprobe", action="store_true",
                         help="also probe fp32 students with bf16 features and bf16 students with fp32 features")
     parser.add_argument("--probe-worker", nargs="+", metavar=("PRECISION", "RUN"), help=argparse.SUPPRESS)
