@@ -302,8 +302,11 @@ def main() -> None:
     if len(diffs["bf16"]) > 1:
         print("bf16 - fp32 " + format_equivalence(equivalence(list(diffs["bf16"].values()), args.margin)))
     if args.against:
-        other = {s: read_run(args.runs / f"{args.against}-bf16-s{s}", s, "bf16", args)[0] for s in diffs["bf16"]}
-        print(f"against {args.against}: bf16 - fp32 of its runs on the same seeds, then bf16 ({args.prefix}) - bf16 ({args.against})")
+        theirs = {s: args.runs / f"{args.against}-bf16-s{s}" for s in diffs["bf16"]}
+        other = {s: read_run(run, s, "bf16", args)[0] for s, run in theirs.items() if (run / "report.json").exists()}
+        missing = f" ({len(theirs) - len(other)} of these seeds have no {args.against} bf16 run)" if len(other) < len(theirs) else ""
+        print(f"against {args.against}: bf16 - fp32 of its runs on the same seeds, then bf16 ({args.prefix}) - bf16 "
+              f"({args.against}){missing}")
         print(f"    {summary([other[s] - top1['no'][s] for s in other])}")
         print(f"    {summary([top1['bf16'][s] - other[s] for s in other])}")
     print("mean wall seconds per run (report.json timings.total): " + ", ".join(
