@@ -142,6 +142,18 @@ def student_checkpoint(run: Path, method: str) -> Path:
     return run / "stages" / f"distill-{method}" / FINAL
 
 
+def compare_runs(a: Path, b: Path, method: str) -> None:
+    """Print whether two runs' distillation ended with the same weights, and both probes."""
+    first, second = (torch.load(student_checkpoint(run, method), map_location="cpu", weights_only=False) for run in (a, b))
+    if list(first) != list(second):
+        raise SystemExit(f"{a} and {b}: their {method} distillations hold different tensors")
+    gap = max(float((first[k].double() - second[k].double()).abs().max()) for k in first if first[k].numel())
+    probes = [[r["value"] for r in json.loads((run / "report.json").read_text())["results"]
+               if r["method"] == method and r["protocol"] == "linear_probe"][0] for run in (a, b)]
+    print(f"{a.name} vs {b.name}: same tensor names, largest weight difference {gap:.3g}, "
+          f"probe top-1 {probes[0]:.2f} / {probes[1]:.2f}")
+
+
 @functools.lru_cache(maxsize=None)
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -259,10 +271,16 @@ def main() -> None:
                              "student's and the teacher's (both: what stop 15's scratch patch did)")
     parser.add_argument("--reprobe", action="store_true",
                         help="also probe fp32 students with bf16 features and bf16 students with fp32 features")
+    parser.add_argument("--same-run", nargs=2, type=Path, metavar=("RUN_A", "RUN_B"),
+                        help="only compare two run folders: largest difference of their distilled students' "
+                             "weights and their probe top-1 (e.g. a config key against a scratch patch)")
     parser.add_argument("--probe-worker", nargs="+", metavar=("PRECISION", "RUN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe_worker:
         probe_worker(args.probe_worker[0], [Path(r) for r in args.probe_worker[1:]])
+        return
+    if args.same_run:
+        compare_runs(*args.same_run, args.method)
         return
     seeds = parse_seeds(args.seeds)
     if not args.report_only and not args.teacher.is_file():
