@@ -64,6 +64,8 @@ def _workers(dataset: str, requested: Optional[int]) -> int:
 
 def run_recipe(recipe: str, overrides: list[str]) -> dict[str, Path]:
     """Resolve, run and report one recipe; returns the report's paths."""
+    import torch
+
     from xmodal.engine import Engine
     from xmodal.report import plot, write_report
 
@@ -81,6 +83,9 @@ def run_recipe(recipe: str, overrides: list[str]) -> dict[str, Path]:
         config=to_dict(cfg),
         processes=engine.world,
         device=str(engine.device),
+        # What ran it: intra-op threads per process (results move with summation order), torch's build.
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
     )
     paths: dict[str, Path] = {}
     if engine.is_main:

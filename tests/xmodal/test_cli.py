@@ -44,6 +44,7 @@ def test_tiny_lab_run_writes_a_complete_report(tmp_path, capsys):
     assert 0 <= report["teacher"]["top1"] <= 100 and report["config"]["distill"]["methods"] == ["random", "crd", "kd"]
     assert (out / "report.png").stat().st_size > 0 and "| crd |" in (out / "report.md").read_text()
     assert (out / "config.yaml").exists()
+    assert report["threads"] == torch.get_num_threads() and report["torch"] == torch.__version__
     # running again resumes: every stage is finished, so nothing trains and the numbers repeat
     first = (out / "report.json").read_text()
     assert main(["run", "lab-color-transfer", f"output_dir={out}", *TINY]) == 0

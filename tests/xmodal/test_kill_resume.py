@@ -90,6 +90,7 @@ def test_killed_runs_resume_to_the_same_report(tmp_path):
     got = json.loads((killed / "report.json").read_text())
     assert got["results"] == expected["results"]
     assert got["teacher"] == expected["teacher"]
+    assert expected["threads"] == got["threads"] == 1  # the report records OMP_NUM_THREADS=1's one thread
     for stage in ("teacher", "distill-crd", "finetune-crd"):
         a = torch.load(reference / "stages" / stage / "final.pt", weights_only=False)
         b = torch.load(killed / "stages" / stage / "final.pt", weights_only=False)
