@@ -37,6 +37,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Optional
 
@@ -59,7 +61,8 @@ def command(out: Path, seed: int, precision: str, args: argparse.Namespace) -> l
     stem = ["student.fp32_stem=true"] * student + ["teacher.model.fp32_stem=true"] * teacher
     return [sys.executable, "-m", "xmodal", "run", "lab-color-transfer", f"output_dir={out}", f"seed={seed}",
             f"mixed_precision={precision}", f"teacher.checkpoint={args.teacher}",
-            f"distill.methods=[{args.method}]", f"distill.train.epochs={args.epochs}", "protocols=[linear_probe]", *stem]
+            f"distill.methods=[{args.method}]", f"distill.train.epochs={args.epochs}", "protocols=[linear_probe]", *stem,
+            *(["cpu=true"] if args.cpu else [])]
 
 
 def wants_fp32_stem(precision: str, args: argparse.Namespace) -> tuple[bool, bool]:
@@ -78,9 +81,11 @@ SCRATCH_STEM_PATCH = "EXPERIMENT-fp32stem.patch"
 
 
 def read_run(out: Path, seed: int, precision: str, args: argparse.Namespace,
-             fp32_stem: Optional[tuple[bool, bool]] = None) -> tuple[float, float]:
-    """The run's probe top-1 and wall seconds, after checking the folder holds this command's run
-    (``fp32_stem``: the (student, teacher) stems it must have kept in fp32; None: whichever)."""
+             fp32_stem: Optional[tuple[bool, bool]] = None, threads: Optional[int] = None) -> tuple[float, float, Optional[int]]:
+    """The run's probe top-1, wall seconds and intra-op threads (None in reports from before
+    xmodal recorded them), after checking the folder holds this command's run (``fp32_stem``: the
+    (student, teacher) stems it must have kept in fp32; ``threads``: the threads it must have
+    run with, where its report says; None: whichever)."""
     report = json.loads((out / "report.json").read_text())
     cfg = report["config"]
     # The teacher path may be written relative or absolute: its last two parts must agree.
@@ -94,10 +99,65 @@ def read_run(out: Path, seed: int, precision: str, args: argparse.Namespace,
         raise SystemExit(f"{out}: holds a run of (seed, mixed_precision, methods, epochs, teacher, fp32 stems of "
                          f"student and teacher) = {found}, "
                          f"not {wanted}; choose another --runs or --prefix")
+    if args.cpu and not cfg.get("cpu"):
+        raise SystemExit(f"{out}: a run without cpu=true, where --cpu asks for CPU runs only")
+    ran_with = report.get("threads")
+    if threads is not None and ran_with is not None and ran_with != threads:
+        raise SystemExit(f"{out}: ran with {ran_with} threads, not {threads}; choose another --runs or --prefix, "
+                         "or the --threads it ran with")
     (row,) = [r for r in report["results"] if r["method"] == args.method and r["protocol"] == "linear_probe"]
     # top-1 is a count over the test set in percent, stored as float32: 2 decimals are exact
     # for up to 10,000 test images, and keep "1.00 points apart" from reading as beyond 1.
-    return round(float(row["value"]), 2), float(report["timings"]["total"])
+    return round(float(row["value"]), 2), float(report["timings"]["total"]), ran_with
+
+
+def run_dir(args: argparse.Namespace, tag: str, seed: int) -> Path:
+    return args.runs / f"{args.prefix}-{tag}-s{seed}"
+
+
+def make_runs(todo: list[tuple[int, str]], args: argparse.Namespace) -> None:
+    """Run the (seed, tag) runs in ``todo``, ``args.jobs`` at a time, each with ``args.threads``
+    intra-op threads (the one-thread yardstick with one; unset: torch's default, which is every
+    core). With one job at a time a run's progress bars show on stderr; with more, each run's
+    output goes to ``<runs>/<folder>.log`` and a line per finished run gives the count, the time
+    gone and an estimate of the time left. A failed run does not stop the others: they finish
+    and are kept (the next call reads them), then the failures are named and the script exits."""
+    if not todo:
+        return
+    args.runs.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+
+    def one(seed: int, tag: str) -> tuple[int, Optional[Path]]:
+        precision, single = PRECISIONS[tag]
+        out = run_dir(args, tag, seed)
+        env = dict(os.environ)
+        threads = single or (str(args.threads) if args.threads else None)
+        if threads:
+            env["OMP_NUM_THREADS"] = threads
+        else:
+            env.pop("OMP_NUM_THREADS", None)
+        if args.jobs == 1:
+            print(f"[mixed_precision] seed {seed} {tag}: running", file=sys.stderr, flush=True)
+            return subprocess.run(command(out, seed, precision, args), env=env, stdout=subprocess.DEVNULL).returncode, None
+        log = args.runs / f"{out.name}.log"
+        with open(log, "w") as sink:
+            code = subprocess.run(command(out, seed, precision, args), env=env, stdout=sink, stderr=subprocess.STDOUT)
+        return code.returncode, log
+
+    failed = []
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = {pool.submit(one, seed, tag): (seed, tag) for seed, tag in todo}
+        for done, future in enumerate(as_completed(futures), 1):
+            (seed, tag), (code, log) = futures[future], future.result()
+            gone = time.perf_counter() - began
+            status = "done" if code == 0 else f"FAILED with exit code {code}" + (f" (output: {log})" if log else "")
+            print(f"[mixed_precision] {done}/{len(todo)} seed {seed} {tag}: {status}; {gone / 60:.1f} min gone, "
+                  f"about {gone / done * (len(todo) - done) / 60:.1f} min left", file=sys.stderr, flush=True)
+            if code:
+                failed.append(f"seed {seed} {tag} (exit {code}" + (f", {log})" if log else ")"))
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(todo)} runs failed: {', '.join(failed)}; the runs that finished "
+                         "are kept and the next call reads them")
 
 
 def probe_worker(precision: str, runs: list[Path]) -> None:
@@ -262,6 +322,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--report-only", action="store_true", help="read the runs that exist; start none")
     parser.add_argument("--no-one-thread", action="store_true", help="start only the fp32 and bf16 runs")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at once (a machine with many cores: cores / --threads); each run's output "
+                             "then goes to <runs>/<folder>.log")
+    parser.add_argument("--cpu", action="store_true",
+                        help="runs with cpu=true: on the CPU where a GPU is present (a GPU machine's cores)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP_NUM_THREADS of the fp32 and bf16 runs (default: torch's, every core); runs "
+                             "read must have recorded this count")
     parser.add_argument("--plot", type=Path, default=None, help="default: <runs>/<prefix>.png")
     parser.add_argument("--margin", type=float, default=1.0, help="equivalence margin in points (issue 6: 1)")
     parser.add_argument("--against", metavar="PREFIX", default=None,
@@ -283,28 +351,30 @@ def main() -> None:
         compare_runs(*args.same_run, args.method)
         return
     seeds = parse_seeds(args.seeds)
+    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
+        raise SystemExit(f"--jobs {args.jobs} --threads {args.threads}: both must be at least 1")
+    if args.jobs > 1 and args.threads is None:
+        raise SystemExit(f"--jobs {args.jobs} needs --threads: {args.jobs} runs each on every core would "
+                         "fight for them (e.g. --threads 2 with cores / 2 jobs)")
     if not args.report_only and not args.teacher.is_file():
         raise SystemExit(f"--teacher {args.teacher}: no such file; run `xmodal run lab-color-transfer` first, "
                          "or point --teacher at its runs/lab-color-transfer/teacher.pt")
 
+    run = functools.partial(run_dir, args)
+    if not args.report_only:
+        make_runs([(s, tag) for s in seeds for tag in PRECISIONS
+                   if not (run(tag, s) / "report.json").exists() and not (tag == "t1" and args.no_one_thread)], args)
+
     top1: dict[str, dict[int, float]] = {tag: {} for tag in PRECISIONS}
     seconds: dict[str, list[float]] = {tag: [] for tag in PRECISIONS}
+    threads_of: dict[str, set] = {tag: set() for tag in PRECISIONS}
     for seed in seeds:
-        for tag, (precision, threads) in PRECISIONS.items():
-            out = args.runs / f"{args.prefix}-{tag}-s{seed}"
-            if not (out / "report.json").exists():
-                if args.report_only or (tag == "t1" and args.no_one_thread):
-                    continue
-                env = dict(os.environ)
-                if threads:
-                    env["OMP_NUM_THREADS"] = threads
-                else:
-                    env.pop("OMP_NUM_THREADS", None)
-                print(f"[mixed_precision] seed {seed} {tag}: running", file=sys.stderr, flush=True)
-                subprocess.run(command(out, seed, precision, args), env=env, check=True,
-                               stdout=subprocess.DEVNULL)
-            top1[tag][seed], wall = read_run(out, seed, precision, args, wants_fp32_stem(precision, args))
-            seconds[tag].append(wall)
+        for tag, (precision, one) in PRECISIONS.items():
+            if (run(tag, seed) / "report.json").exists():
+                top1[tag][seed], wall, threads = read_run(run(tag, seed), seed, precision, args,
+                                                          wants_fp32_stem(precision, args), 1 if one else args.threads)
+                seconds[tag].append(wall)
+                threads_of[tag].add(threads)
 
     # Each kind of pair against the fp32 run of the same seed, computed once for table, summary and plot.
     diffs = {tag: {s: top1[tag][s] - top1["no"][s] for s in seeds if s in top1[tag] and s in top1["no"]}
@@ -315,13 +385,16 @@ def main() -> None:
     for s in seeds:
         print(f"{s:>4d} {cell(top1['no'], s, '.2f'):>7s} {cell(top1['t1'], s, '.2f'):>9s} "
               f"{cell(top1['bf16'], s, '.2f'):>7s} {cell(diffs['bf16'], s, '+.2f'):>10s} {cell(diffs['t1'], s, '+.2f'):>7s}")
-    for tag, name in (("bf16", "bf16 - fp32"), ("t1", "1 thread - 2 threads")):
+    # The yardstick's name says what the fp32 runs' reports recorded (2 on this 2-core machine).
+    counts = threads_of["no"] - {None}
+    many = f"{counts.pop()} threads" if len(counts) == 1 and None not in threads_of["no"] else "fp32's threads"
+    for tag, name in (("bf16", "bf16 - fp32"), ("t1", f"1 thread - {many}")):
         print(f"{name:22s} {summary(list(diffs[tag].values())) if diffs[tag] else 'no pairs'}")
     if len(diffs["bf16"]) > 1:
         print("bf16 - fp32 " + format_equivalence(equivalence(list(diffs["bf16"].values()), args.margin)))
     if args.against:
         theirs = {s: args.runs / f"{args.against}-bf16-s{s}" for s in diffs["bf16"]}
-        other = {s: read_run(run, s, "bf16", args)[0] for s, run in theirs.items() if (run / "report.json").exists()}
+        other = {s: read_run(path, s, "bf16", args)[0] for s, path in theirs.items() if (path / "report.json").exists()}
         missing = f" ({len(theirs) - len(other)} of these seeds have no {args.against} bf16 run)" if len(other) < len(theirs) else ""
         print(f"against {args.against}: bf16 - fp32 of its runs on the same seeds, then bf16 ({args.prefix}) - bf16 "
               f"({args.against}){missing}")
@@ -354,7 +427,7 @@ def main() -> None:
 
 def report_reprobe(args: argparse.Namespace, top1: dict[str, dict[int, float]], seeds: list[int]) -> None:
     """Split bf16 - fp32 into what the distillation changed and what the probe's feature pass changed."""
-    run = lambda tag, s: args.runs / f"{args.prefix}-{tag}-s{s}"  # noqa: E731
+    run = functools.partial(run_dir, args)
     fp32_students = {s: run("no", s) for s in seeds}
     bf16_students = {s: run("bf16", s) for s in seeds}
     again = reprobe(list(fp32_students.values()), "no", args.method)
