@@ -124,3 +124,19 @@ def test_duplicate_and_foreign_checkpoints_are_refused(tmp_path, capsys):
                      "distill.n_teachers=[1]"]) == 2
         assert message in _error(capsys)
         assert not out.exists()
+
+
+def test_a_checkpoint_members_identity_is_its_file(tmp_path):
+    # A student's stage records each teacher it learnt from; for a checkpoint that is the file's
+    # content, so another file put at the same path is another teacher.
+    from xmodal.schema import ModelConfig
+    from xmodal.tasks.ensemble_pool import Member
+
+    path = _checkpoint(tmp_path / "t.pt", 10)
+    member = Member(position=0, model=ModelConfig(arch="resnet8"), view="rgb", seed=0, checkpoint=str(path))
+    first = member.identity()
+    assert first["checkpoint"] == str(path) and first == member.identity()
+    _checkpoint(path, 10, seed=1)
+    assert member.identity()["checkpoint_sha256"] != first["checkpoint_sha256"]
+    trained = Member(position=1, model=ModelConfig(arch="resnet8"), view="rgb", seed=0, checkpoint=None)
+    assert "checkpoint_sha256" not in trained.identity()

@@ -1,6 +1,7 @@
 """The command line: listing, a tiny end-to-end run, and one-line errors on bad input."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 from xmodal import __version__
 from xmodal.cli import main
+from xmodal.models import build_model, save_backbone
 
 TINY = [
     "data.options={num_samples: 96}", "teacher.train.epochs=1", "teacher.train.batch_size=32",
@@ -141,3 +143,30 @@ def test_first_stage_identity_holds_its_own_schedule(tmp_path, capsys):
     assert main(["run", "lab-color-transfer", f"output_dir={out}", *args, "distill.init_train.epochs=2"]) == 2
     assert "'distill-ft-ft-init' of a run with another configuration" in _error(capsys)
     assert main(["run", "lab-color-transfer", f"output_dir={out}", *args]) == 0
+
+
+@pytest.mark.slow
+def test_another_teacher_file_at_the_same_path_is_not_resumed_as_the_old_one(tmp_path, capsys):
+    # A distilled student is the teacher file's, not its path's: a file replaced at the same path
+    # once brought the students of the old one back as if they had learnt from it.
+    teacher = tmp_path / "teacher.pt"
+
+    def write_teacher(seed: int) -> None:
+        torch.manual_seed(seed)
+        save_backbone(teacher, build_model("resnet8", 1, 10, width=4))
+
+    write_teacher(0)
+    out = tmp_path / "run"
+    args = ["run", "lab-color-transfer", f"output_dir={out}", *TINY, "distill.methods=[crd]", "protocols=[linear_probe]",
+            f"teacher.checkpoint={teacher}"]
+    assert main(args) == 0
+    recorded = json.loads((out / "report.json").read_text())["teacher"]["checkpoint_sha256"]
+    assert recorded == hashlib.sha256(teacher.read_bytes()).hexdigest()
+    stage = out / "stages" / "distill-crd" / "final.pt"
+    before = stage.read_bytes()
+    write_teacher(1)
+    capsys.readouterr()
+    assert main(args) == 2
+    # the last line (the teacher is scored first, with a progress bar, before the stage is refused)
+    assert "'distill-crd' of a run with another configuration" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert stage.read_bytes() == before  # nothing already written is lost

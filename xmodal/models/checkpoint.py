@@ -6,6 +6,7 @@ Loading into the wrong network fails with one line naming the file and the diffe
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -47,6 +48,16 @@ def save_backbone(path: PathLike, model: Backbone) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def checkpoint_sha256(path: PathLike) -> str:
+    """sha256 of the file at ``path``. A stage taught by a checkpoint records it, so that another
+    file later put at the same path is not taken for the one it learnt from."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_checkpoint(path: PathLike, role: str = "") -> dict[str, Any]:

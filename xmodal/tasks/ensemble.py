@@ -201,7 +201,7 @@ def student_stage(cfg: EnsembleConfig, engine: Engine, method: str, members: Seq
     # The stage's identity: only what changes this student (a CE student ignores the CRD options).
     config = {**record, "method": method, "terms": terms, "seed": seed}
     if members:
-        config.update(teachers=[to_dict(m) for m in members], teacher_train=to_dict(cfg.teachers.train),
+        config.update(teachers=[m.identity() for m in members], teacher_train=to_dict(cfg.teachers.train),
                       teacher_weights=list(weights))
     if terms.get("crd"):
         config.update(crd=cfg.distill.crd, warm_start=cfg.distill.warm_start,

@@ -10,7 +10,6 @@ softmax.
 """
 from __future__ import annotations
 
-import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from xmodal.engine import Engine
 from xmodal.errors import ConfigError
 from xmodal.modalities import Modality, view_fn
 from xmodal.models import load_backbone, save_backbone
-from xmodal.models.checkpoint import read_checkpoint
+from xmodal.models.checkpoint import checkpoint_sha256, read_checkpoint
 from xmodal.schema import ModelConfig, TrainConfig
 from xmodal.tasks.evaluation import extract, top1
 from xmodal.tasks.supervised import build_backbone, supervised_stage
@@ -64,6 +63,13 @@ class Member:
     seed: int
     checkpoint: Optional[str]
 
+    def identity(self) -> dict[str, Any]:
+        """What a student taught by this member records: its spec, and a checkpoint's content."""
+        spec = to_dict(self)
+        if self.checkpoint:
+            spec["checkpoint_sha256"] = checkpoint_sha256(self.checkpoint)
+        return spec
+
     def describe(self) -> str:
         if self.checkpoint:
             return f"{self.checkpoint} on {self.view}"
@@ -97,7 +103,7 @@ def _refuse_duplicates(members: Sequence[Member]) -> None:
     for m in members:
         if m.checkpoint:
             path = Path(m.checkpoint).expanduser()
-            key: Any = ("file", _digest(path)) if path.is_file() else ("path", str(path.resolve()))
+            key: Any = ("file", checkpoint_sha256(path)) if path.is_file() else ("path", str(path.resolve()))
             what = f"the same checkpoint ({m.checkpoint})"
         else:
             key = ("trained", m.model.arch, repr(sorted(m.model.options.items())), m.view, m.seed)
@@ -106,10 +112,6 @@ def _refuse_duplicates(members: Sequence[Member]) -> None:
             raise ConfigError(f"teachers.members[{seen[key]}] and [{m.position}] are {what}: "
                               "duplicate teachers; give each a different checkpoint or seed")
         seen[key] = m.position
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def check_checkpoints(members: Sequence[Member], modality: Modality, num_classes: int, data: str) -> None:
