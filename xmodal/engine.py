@@ -160,6 +160,21 @@ class Stage:
                    lr_lambda=train.optim.lr_lambda(train.epochs), **fields)
 
 
+SLOW_CPU_BF16 = (
+    "mixed_precision=bf16 on a CPU without oneDNN's bf16 path (no AVX512-BF16/AMX): PyTorch runs bf16 "
+    "convolutions through its fallback kernel, several times slower than fp32 and with weight gradients of "
+    "about 5x one bf16 rounding's error (python benchmarks/bf16_conv.py prints both for this machine); "
+    "use it to exercise the low-precision path, not for speed")
+
+
+def cpu_bf16_kernels() -> Optional[bool]:
+    """Whether PyTorch's oneDNN bf16 kernels run on this CPU; None where torch cannot say."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return None
+
+
 class Engine:
     """Accelerate-backed runner shared by every stage of one run.
 
@@ -189,6 +204,8 @@ class Engine:
         )
         self._log, self._resolved_config, self._started = log, resolved_config, False
         self._mixed_precision = mixed_precision
+        if mixed_precision == "bf16" and self.device.type == "cpu" and self.is_main and cpu_bf16_kernels() is False:
+            print(f"[xmodal] note: {SLOW_CPU_BF16}", file=sys.stderr, flush=True)
         set_seed(seed)
 
     def start_outputs(self) -> None:

@@ -174,3 +174,20 @@ def test_a_later_engine_in_one_process_gets_its_own_precision(tmp_path):
         with engine.autocast():
             out = nn.Conv2d(2, 4, 3)(torch.randn(1, 2, 8, 8))
         assert out.dtype == dtype and engine.device.type == "cpu"
+
+
+@pytest.mark.parametrize("kernels", [False, True, None])
+def test_bf16_on_a_cpu_without_bf16_kernels_says_so(tmp_path, monkeypatch, capsys, kernels):
+    import xmodal.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "cpu_bf16_kernels", lambda: kernels)
+    for precision in ("bf16", "no"):
+        Engine(tmp_path / precision, mixed_precision=precision, cpu=True, log=False)
+        err = capsys.readouterr().err
+        assert ("[xmodal] note: mixed_precision=bf16 on a CPU without" in err) == (precision == "bf16" and kernels is False)
+
+
+def test_cpu_bf16_kernels_reads_torch():
+    from xmodal.engine import cpu_bf16_kernels
+
+    assert cpu_bf16_kernels() is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
