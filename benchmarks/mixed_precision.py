@@ -40,7 +40,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -80,12 +80,19 @@ def wants_fp32_stem(precision: str, args: argparse.Namespace) -> tuple[bool, boo
 SCRATCH_STEM_PATCH = "EXPERIMENT-fp32stem.patch"
 
 
+class Run(NamedTuple):
+    top1: float
+    seconds: float
+    threads: Optional[int]  # None: a report from before xmodal recorded them
+    teacher_sha256: Optional[str]  # likewise
+
+
 def read_run(out: Path, seed: int, precision: str, args: argparse.Namespace,
-             fp32_stem: Optional[tuple[bool, bool]] = None, threads: Optional[int] = None) -> tuple[float, float, Optional[int]]:
-    """The run's probe top-1, wall seconds and intra-op threads (None in reports from before
-    xmodal recorded them), after checking the folder holds this command's run (``fp32_stem``: the
-    (student, teacher) stems it must have kept in fp32; ``threads``: the threads it must have
-    run with, where its report says; None: whichever)."""
+             fp32_stem: Optional[tuple[bool, bool]] = None, threads: Optional[int] = None) -> Run:
+    """The run's probe top-1, wall seconds, intra-op threads and teacher file's sha256, after
+    checking the folder holds this command's run (``fp32_stem``: the (student, teacher) stems it
+    must have kept in fp32; ``threads``: the threads it must have run with, where its report
+    says; None: whichever)."""
     report = json.loads((out / "report.json").read_text())
     cfg = report["config"]
     # The teacher path may be written relative or absolute: its last two parts must agree.
@@ -108,7 +115,8 @@ def read_run(out: Path, seed: int, precision: str, args: argparse.Namespace,
     (row,) = [r for r in report["results"] if r["method"] == args.method and r["protocol"] == "linear_probe"]
     # top-1 is a count over the test set in percent, stored as float32: 2 decimals are exact
     # for up to 10,000 test images, and keep "1.00 points apart" from reading as beyond 1.
-    return round(float(row["value"]), 2), float(report["timings"]["total"]), ran_with
+    return Run(round(float(row["value"]), 2), float(report["timings"]["total"]), ran_with,
+               report["teacher"].get("checkpoint_sha256"))
 
 
 def run_dir(args: argparse.Namespace, tag: str, seed: int) -> Path:
@@ -158,6 +166,19 @@ def make_runs(todo: list[tuple[int, str]], args: argparse.Namespace) -> None:
     if failed:
         raise SystemExit(f"{len(failed)} of {len(todo)} runs failed: {', '.join(failed)}; the runs that finished "
                          "are kept and the next call reads them")
+
+
+def check_one_teacher(teachers: dict[Path, Optional[str]]) -> None:
+    """Refuse to compare runs that learnt from different teacher files (the path alone, checked
+    by ``read_run``, does not say: a teacher retrained on other code lands at the same path).
+    Reports from before xmodal recorded the file's sha256 (None) cannot be checked."""
+    first: dict[str, Path] = {}
+    for run, sha in teachers.items():
+        if sha:
+            first.setdefault(sha, run)
+    if len(first) > 1:
+        raise SystemExit("these runs learnt from different teacher files: "
+                         + "; ".join(f"{run} from sha256 {sha[:12]}" for sha, run in first.items()))
 
 
 def probe_worker(precision: str, runs: list[Path]) -> None:
@@ -368,13 +389,17 @@ def main() -> None:
     top1: dict[str, dict[int, float]] = {tag: {} for tag in PRECISIONS}
     seconds: dict[str, list[float]] = {tag: [] for tag in PRECISIONS}
     threads_of: dict[str, set] = {tag: set() for tag in PRECISIONS}
+    teachers: dict[Path, Optional[str]] = {}
     for seed in seeds:
         for tag, (precision, one) in PRECISIONS.items():
             if (run(tag, seed) / "report.json").exists():
-                top1[tag][seed], wall, threads = read_run(run(tag, seed), seed, precision, args,
-                                                          wants_fp32_stem(precision, args), 1 if one else args.threads)
-                seconds[tag].append(wall)
-                threads_of[tag].add(threads)
+                got = read_run(run(tag, seed), seed, precision, args, wants_fp32_stem(precision, args),
+                               1 if one else args.threads)
+                top1[tag][seed] = got.top1
+                seconds[tag].append(got.seconds)
+                threads_of[tag].add(got.threads)
+                teachers[run(tag, seed)] = got.teacher_sha256
+    check_one_teacher(teachers)
 
     # Each kind of pair against the fp32 run of the same seed, computed once for table, summary and plot.
     diffs = {tag: {s: top1[tag][s] - top1["no"][s] for s in seeds if s in top1[tag] and s in top1["no"]}

@@ -28,7 +28,7 @@ report = {"config": {"seed": seed, "mixed_precision": precision, "teacher": {"ch
           "model": {}}, "student": {}, "distill": {"methods": ["infonce_warm"], "train": {"epochs": 3}}},
           "results": [{"method": "infonce_warm", "protocol": "linear_probe", "metric": "top1",
                        "value": 40.0 + seed + (0.5 if precision == "bf16" else 0.0)}],
-          "timings": {"total": 1.0}, "threads": threads}
+          "timings": {"total": 1.0}, "threads": threads, "teacher": {"checkpoint_sha256": "ab" * 32}}
 (out / "report.json").write_text(json.dumps(report))
 (out / "span.json").write_text(json.dumps([began, time.time()]))
 '''
@@ -56,7 +56,7 @@ def test_runs_in_parallel_with_their_threads_and_logs(fake, tmp_path):
     spans = []
     for seed, tag in todo:
         out = fake.run_dir(args, tag, seed)
-        top1, _, threads = fake.read_run(out, seed, fake.PRECISIONS[tag][0], args, threads=1 if tag == "t1" else 3)
+        top1, _, threads, _ = fake.read_run(out, seed, fake.PRECISIONS[tag][0], args, threads=1 if tag == "t1" else 3)
         assert top1 == 40.0 + seed + (0.5 if tag == "bf16" else 0.0)
         assert threads == (1 if tag == "t1" else 3)  # OMP_NUM_THREADS as each run was given it
         assert f"progress of {out.name}" in (args.runs / f"{out.name}.log").read_text()
@@ -97,3 +97,10 @@ def test_cpu_runs_are_asked_for(bench, tmp_path):
     for cpu in (False, True):
         args.cpu = cpu
         assert ("cpu=true" in bench.command(tmp_path, 6, "bf16", args)) == cpu
+
+
+def test_runs_of_different_teacher_files_are_not_compared(bench, tmp_path):
+    same = {tmp_path / "a": "ab" * 32, tmp_path / "b": "ab" * 32, tmp_path / "old": None}
+    bench.check_one_teacher(same)  # one file, and a report from before the digest was recorded
+    with pytest.raises(SystemExit, match=r"different teacher files: .*a from sha256 abababababab; .*c from sha256 cdcdcdcdcdcd"):
+        bench.check_one_teacher({**same, tmp_path / "c": "cd" * 32})
