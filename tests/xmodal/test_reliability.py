@@ -14,10 +14,11 @@ import shutil
 from contextlib import redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from xmodal.cli import main
@@ -67,7 +68,10 @@ def _image_folder(root: Path, corrupt: bool = False) -> Path:
     return root
 
 
-def _checkpoint(path: Path, arch: str, width: int, in_channels: int = 1, num_classes: int = 10) -> Path:
+def _checkpoint(path: Path, arch: str, width: int, in_channels: int = 1, num_classes: int = 10,
+                seed: Optional[int] = None) -> Path:
+    if seed is not None:
+        torch.manual_seed(seed)
     save_backbone(path, build_model(arch, in_channels=in_channels, num_classes=num_classes, width=width))
     return path
 
@@ -139,6 +143,11 @@ CASES = [
     Case("unknown dataset name", lambda d: ["data=cifar11", "data.root=/tmp"], "unknown dataset 'cifar11'; did you mean 'cifar10'"),
     Case("output folder holding a run of another configuration", lambda d: ["teacher.train.epochs=2"],
          "another configuration"),
+    # The earlier run learnt from one file; this one finds another file at the same path.
+    Case("teacher checkpoint replaced by another file at the same path",
+         lambda d: [f"teacher.checkpoint={_checkpoint(d / 'swapped.pt', 'resnet8', 4, seed=1)}"],
+         "another configuration",
+         base=lambda d: [f"teacher.checkpoint={_checkpoint(d / 'swapped.pt', 'resnet8', 4, seed=0)}"]),
     Case("a non-finite loss (finetune learning rate 1e30)",
          lambda d: ["protocols=[linear_probe,finetune]", "finetune.optim.lr=1e30", "finetune.batch_size=32"],
          "not finite"),
