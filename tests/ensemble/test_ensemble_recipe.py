@@ -1,6 +1,7 @@
 """The ensemble recipes end to end on a tiny slice of real CIFAR-10, and one-line errors on bad pools."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -128,15 +129,40 @@ def test_duplicate_and_foreign_checkpoints_are_refused(tmp_path, capsys):
 
 def test_a_checkpoint_members_identity_is_its_file(tmp_path):
     # A student's stage records each teacher it learnt from; for a checkpoint that is the file's
-    # content, so another file put at the same path is another teacher.
+    # content, so another file at the same path is another teacher, the same file elsewhere the same.
     from xmodal.schema import ModelConfig
     from xmodal.tasks.ensemble_pool import Member
 
+    def member(path) -> Member:
+        return Member(position=0, model=ModelConfig(arch="resnet8"), view="rgb", seed=0, checkpoint=str(path))
+
     path = _checkpoint(tmp_path / "t.pt", 10)
-    member = Member(position=0, model=ModelConfig(arch="resnet8"), view="rgb", seed=0, checkpoint=str(path))
-    first = member.identity()
-    assert first["checkpoint"] == str(path) and first == member.identity()
+    first = member(path).identity
+    assert "checkpoint" not in first and first["checkpoint_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    moved = tmp_path / "elsewhere" / "t.pt"
+    moved.parent.mkdir()
+    moved.write_bytes(path.read_bytes())
+    assert member(moved).identity == first
     _checkpoint(path, 10, seed=1)
-    assert member.identity()["checkpoint_sha256"] != first["checkpoint_sha256"]
+    assert member(path).identity["checkpoint_sha256"] != first["checkpoint_sha256"]
     trained = Member(position=1, model=ModelConfig(arch="resnet8"), view="rgb", seed=0, checkpoint=None)
-    assert "checkpoint_sha256" not in trained.identity()
+    assert "checkpoint_sha256" not in trained.identity
+
+
+@pytest.mark.slow
+def test_a_member_file_replaced_at_its_path_is_another_teacher(tmp_path, capsys):
+    # The student stages of a run with a checkpoint member record the file's content: a run
+    # into the same folder after the file was replaced is refused, not resumed as the old students.
+    member = _checkpoint(tmp_path / "member.pt", 10)
+    out = tmp_path / "run"
+    args = ["run", "ensemble-cifar", f"output_dir={out}", "data.options={num_samples: 120}", "data.num_workers=0",
+            f"teachers.members=[{{checkpoint: {member}}}]", "teachers.count=1", "distill.n_teachers=[1]",
+            "distill.methods=[kd_ensemble]", "student.options={width: 4}", "distill.train.epochs=1",
+            "distill.train.batch_size=40"]
+    assert main(args) == 0
+    recorded = json.loads((out / "report.json").read_text())["teachers"]["members"][0]["checkpoint_sha256"]
+    assert recorded == hashlib.sha256(member.read_bytes()).hexdigest()
+    _checkpoint(member, 10, seed=1)
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "of a run with another configuration" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -1,6 +1,7 @@
 """The nyu-rgb2depth recipe end to end on the 18 real frames (tiny images, one epoch per stage)."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -51,3 +52,27 @@ def test_tiny_run_on_the_real_frames_writes_rows_and_pictures(tmp_path, nyuv2_mi
         assert picture.height > 32 and picture.width > 4 * 48  # four panels under their titles
     assert (out / "pictures" / "legend.png").stat().st_size > 0 and (out / "report.png").stat().st_size > 0
     assert "| crd (encoder=frozen) |" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_a_teacher_file_replaced_at_its_path_is_another_teacher(tmp_path, nyuv2_mini, capsys):
+    # The depth student's stages record the teacher file's content: after the file at that path
+    # is replaced, a run into the same folder is refused, not resumed as the old students.
+    from xmodal.models import build_model, save_backbone
+
+    teacher = tmp_path / "rgb.pt"
+    torch.manual_seed(0)
+    save_backbone(teacher, build_model("resnet8", 3, 10, width=4))
+    out = tmp_path / "run"
+    args = ["run", "nyu-rgb2depth", f"data.root={nyuv2_mini}", f"output_dir={out}", *TINY,
+            "teacher.model={arch: resnet8, options: {width: 4}}", f"teacher.checkpoint={teacher}",
+            "teacher.num_classes=10", "distill.methods=[crd]", "segmentation.encoder_modes=[frozen]"]
+    assert main(args) == 0
+    recorded = json.loads((out / "report.json").read_text())["teacher"]["checkpoint_sha256"]
+    assert recorded == hashlib.sha256(teacher.read_bytes()).hexdigest()
+    torch.manual_seed(1)
+    save_backbone(teacher, build_model("resnet8", 3, 10, width=4))
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "of a run with another configuration" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -164,6 +164,13 @@ def test_another_teacher_file_at_the_same_path_is_not_resumed_as_the_old_one(tmp
     assert recorded == hashlib.sha256(teacher.read_bytes()).hexdigest()
     stage = out / "stages" / "distill-crd" / "final.pt"
     before = stage.read_bytes()
+    # the same file reached by another path is the same teacher: the finished stage is reused
+    moved = tmp_path / "elsewhere" / "renamed.pt"
+    moved.parent.mkdir()
+    moved.write_bytes(teacher.read_bytes())
+    written = stage.stat().st_mtime_ns
+    assert main([*args[:-1], f"teacher.checkpoint={moved}"]) == 0
+    assert stage.stat().st_mtime_ns == written  # not retrained (that would write it anew, same bytes or not)
     write_teacher(1)
     capsys.readouterr()
     assert main(args) == 2

@@ -50,14 +50,26 @@ def save_backbone(path: PathLike, model: Backbone) -> Path:
     return path
 
 
-def checkpoint_sha256(path: PathLike) -> str:
+def checkpoint_sha256(path: PathLike, role: str = "") -> str:
     """sha256 of the file at ``path``. A stage taught by a checkpoint records it, so that another
     file later put at the same path is not taken for the one it learnt from."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{_name(path, role)} does not exist")
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def taught_by(teacher: dict[str, Any], role: str = "teacher") -> dict[str, Any]:
+    """A teacher's recorded config as part of a student's identity: a ``checkpoint`` counts by its
+    content (``checkpoint_sha256``), not by its path, so another file at the same path is another
+    teacher and the same file reached by another path (relative, absolute, moved) the same one."""
+    if not teacher.get("checkpoint"):
+        return dict(teacher)
+    rest = {k: v for k, v in teacher.items() if k != "checkpoint"}
+    return {**rest, "checkpoint_sha256": checkpoint_sha256(teacher["checkpoint"], role)}
 
 
 def read_checkpoint(path: PathLike, role: str = "") -> dict[str, Any]:

@@ -201,7 +201,7 @@ def student_stage(cfg: EnsembleConfig, engine: Engine, method: str, members: Seq
     # The stage's identity: only what changes this student (a CE student ignores the CRD options).
     config = {**record, "method": method, "terms": terms, "seed": seed}
     if members:
-        config.update(teachers=[m.identity() for m in members], teacher_train=to_dict(cfg.teachers.train),
+        config.update(teachers=[m.identity for m in members], teacher_train=to_dict(cfg.teachers.train),
                       teacher_weights=list(weights))
     if terms.get("crd"):
         config.update(crd=cfg.distill.crd, warm_start=cfg.distill.warm_start,
@@ -251,7 +251,8 @@ def run_ensemble(cfg: EnsembleConfig, engine: Engine) -> dict[str, Any]:
                                                     cfg.teachers.train, shared)
     timings["teachers"] = time.perf_counter() - t0
     pool = {
-        "members": [{"member": m.describe(), "view": m.view, "top1": top1(l, test_labels)} for m, l in zip(used, test_logits)],
+        "members": [{"member": m.describe(), "view": m.view, "top1": top1(l, test_labels),
+                     "checkpoint_sha256": m.identity.get("checkpoint_sha256")} for m, l in zip(used, test_logits)],
         "ensemble_top1": {str(m): ensemble_top1(test_logits[:m], test_labels) for m in counts if used},
     }
 

@@ -10,6 +10,7 @@ softmax.
 """
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from xmodal.engine import Engine
 from xmodal.errors import ConfigError
 from xmodal.modalities import Modality, view_fn
 from xmodal.models import load_backbone, save_backbone
-from xmodal.models.checkpoint import checkpoint_sha256, read_checkpoint
+from xmodal.models.checkpoint import checkpoint_sha256, read_checkpoint, taught_by
 from xmodal.schema import ModelConfig, TrainConfig
 from xmodal.tasks.evaluation import extract, top1
 from xmodal.tasks.supervised import build_backbone, supervised_stage
@@ -63,12 +64,11 @@ class Member:
     seed: int
     checkpoint: Optional[str]
 
+    @functools.cached_property
     def identity(self) -> dict[str, Any]:
-        """What a student taught by this member records: its spec, and a checkpoint's content."""
-        spec = to_dict(self)
-        if self.checkpoint:
-            spec["checkpoint_sha256"] = checkpoint_sha256(self.checkpoint)
-        return spec
+        """What a student taught by this member records: its spec, a checkpoint by its content.
+        Read once per member (the first student stage, after the pool loaded the file)."""
+        return taught_by(to_dict(self), f"teacher {self.position}")
 
     def describe(self) -> str:
         if self.checkpoint:

@@ -29,7 +29,7 @@ from xmodal.engine import Engine
 from xmodal.errors import ConfigError, DataError
 from xmodal.modalities import modality_from_config, view_fn
 from xmodal.models import load_weights_into
-from xmodal.models.checkpoint import checkpoint_sha256
+from xmodal.models.checkpoint import taught_by
 from xmodal.schema import DataConfig, ModalityConfig, ModelConfig, RunConfig, SplitConfig, TrainConfig
 from xmodal.tasks.distill import distill_stages, needs_logits, resolve_method
 from xmodal.tasks.seg_pictures import save_legend, save_pictures
@@ -205,8 +205,7 @@ def run_rgbd(cfg: RGBDConfig, engine: Engine) -> dict[str, Any]:
     loss_options = bank_options(cfg.distill.loss_options, len(distill_set))
     teacher = _teacher(cfg, engine, modality.teacher_channels)
     record = to_dict(cfg)
-    if cfg.teacher.checkpoint:  # what the students learn from is the file's content, not its path
-        record["teacher"]["checkpoint_sha256"] = checkpoint_sha256(cfg.teacher.checkpoint)
+    record["teacher"] = taught_by(record["teacher"])
     data_key = {k: v for k, v in record["data"].items() if k != "num_workers"}  # workers change no result
     # distill_stages adds the rest of a distillation's identity (terms, each term's options, warm
     # banks, a first stage's schedule): recording every method's options here as well made one

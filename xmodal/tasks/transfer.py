@@ -25,7 +25,7 @@ from xmodal.engine import Engine
 from xmodal.errors import ConfigError
 from xmodal.modalities import Modality, modality_from_config
 from xmodal.models import save_backbone
-from xmodal.models.checkpoint import checkpoint_sha256, load_weights_into, read_checkpoint
+from xmodal.models.checkpoint import load_weights_into, read_checkpoint, taught_by
 from xmodal.schema import (ImageDataConfig, ModalityConfig, ModelConfig, OptimConfig, RunConfig, SplitConfig,
                            TrainConfig, check_same_classes)
 from xmodal.tasks.distill import distill_stages, needs_logits
@@ -169,8 +169,7 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     timings: dict[str, float] = {}
     record = to_dict(cfg)
     record["data"].pop("num_workers")  # workers change no result: not part of any stage's identity
-    if cfg.teacher.checkpoint:  # what the students learn from is the file's content, not its path
-        record["teacher"]["checkpoint_sha256"] = checkpoint_sha256(cfg.teacher.checkpoint)
+    record["teacher"] = taught_by(record["teacher"])
     shared = {"student": record["student"], "teacher": record["teacher"], "data": record["data"],
               "modality": record["modality"], "seed": cfg.seed}
 
