@@ -161,9 +161,9 @@ class Stage:
 
 
 SLOW_CPU_BF16 = (
-    "mixed_precision=bf16 on a CPU without oneDNN's bf16 path (no AVX512-BF16/AMX): PyTorch runs bf16 "
+    "mixed_precision=bf16 on a CPU without oneDNN's bf16 path (on x86 it needs AVX512BW/VL/DQ): PyTorch runs bf16 "
     "convolutions through its fallback kernel, several times slower than fp32 and with weight gradients of "
-    "about 5x one bf16 rounding's error (python benchmarks/bf16_conv.py prints both for this machine); "
+    "4-5x one bf16 rounding's error (python benchmarks/bf16_conv.py prints both for this machine); "
     "use it to exercise the low-precision path, not for speed")
 
 
