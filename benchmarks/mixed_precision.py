@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import os
 import subprocess
@@ -237,7 +236,9 @@ def compare_runs(a: Path, b: Path, method: str) -> None:
 
 @functools.lru_cache(maxsize=None)
 def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    from xmodal.models.checkpoint import checkpoint_sha256
+
+    return checkpoint_sha256(path)
 
 
 def reprobe(runs: list[Path], precision: str, method: str) -> dict[Path, float]:
@@ -399,28 +400,42 @@ def main() -> None:
                 seconds[tag].append(got.seconds)
                 threads_of[tag].add(got.threads)
                 teachers[run(tag, seed)] = got.teacher_sha256
+    other: dict[int, float] = {}  # --against: that prefix's bf16 runs of the seeds paired here
+    if args.against:
+        for s in seeds:
+            path = args.runs / f"{args.against}-bf16-s{s}"
+            if s in top1["bf16"] and s in top1["no"] and (path / "report.json").exists():
+                got = read_run(path, s, "bf16", args)
+                other[s], teachers[path] = got.top1, got.teacher_sha256
+    if args.teacher.is_file():  # the file named now must be the one the runs learnt from
+        from xmodal.models.checkpoint import checkpoint_sha256
+
+        teachers[args.teacher] = checkpoint_sha256(args.teacher)
     check_one_teacher(teachers)
+    # fp32 and bf16 runs must have summed with the same threads (the yardstick is the 1-thread run).
+    counts = (threads_of["no"] | threads_of["bf16"]) - {None}
+    if len(counts) > 1:
+        raise SystemExit(f"the fp32 and bf16 runs under {args.runs}/{args.prefix}-* ran with different thread "
+                         f"counts {sorted(counts)}; give --threads to name the one to read")
+    many = f"{min(counts)}" if counts and None not in threads_of["no"] else "n"
 
     # Each kind of pair against the fp32 run of the same seed, computed once for table, summary and plot.
     diffs = {tag: {s: top1[tag][s] - top1["no"][s] for s in seeds if s in top1[tag] and s in top1["no"]}
              for tag in ("bf16", "t1")}
     cell = lambda table, s, spec: format(table[s], spec) if s in table else "-"  # noqa: E731
     print(f"{args.method}, {args.epochs} epochs, linear probe top-1 (runs under {args.runs}/{args.prefix}-*)")
-    print(f"{'seed':>4s} {'fp32':>7s} {'1 thread':>9s} {'bf16':>7s} {'bf16-fp32':>10s} {'1t-2t':>7s}")
+    print(f"{'seed':>4s} {'fp32':>7s} {'1 thread':>9s} {'bf16':>7s} {'bf16-fp32':>10s} {f'1t-{many}t':>7s}")
     for s in seeds:
         print(f"{s:>4d} {cell(top1['no'], s, '.2f'):>7s} {cell(top1['t1'], s, '.2f'):>9s} "
               f"{cell(top1['bf16'], s, '.2f'):>7s} {cell(diffs['bf16'], s, '+.2f'):>10s} {cell(diffs['t1'], s, '+.2f'):>7s}")
-    # The yardstick's name says what the fp32 runs' reports recorded (2 on this 2-core machine).
-    counts = threads_of["no"] - {None}
-    many = f"{counts.pop()} threads" if len(counts) == 1 and None not in threads_of["no"] else "fp32's threads"
-    for tag, name in (("bf16", "bf16 - fp32"), ("t1", f"1 thread - {many}")):
+    # The yardstick's name says what the fp32 runs' reports recorded (n: reports from before they did).
+    for tag, name in (("bf16", "bf16 - fp32"), ("t1", f"1 thread - {many} threads")):
         print(f"{name:22s} {summary(list(diffs[tag].values())) if diffs[tag] else 'no pairs'}")
     if len(diffs["bf16"]) > 1:
         print("bf16 - fp32 " + format_equivalence(equivalence(list(diffs["bf16"].values()), args.margin)))
     if args.against:
-        theirs = {s: args.runs / f"{args.against}-bf16-s{s}" for s in diffs["bf16"]}
-        other = {s: read_run(path, s, "bf16", args)[0] for s, path in theirs.items() if (path / "report.json").exists()}
-        missing = f" ({len(theirs) - len(other)} of these seeds have no {args.against} bf16 run)" if len(other) < len(theirs) else ""
+        missing = (f" ({len(diffs['bf16']) - len(other)} of these seeds have no {args.against} bf16 run)"
+                   if len(other) < len(diffs["bf16"]) else "")
         print(f"against {args.against}: bf16 - fp32 of its runs on the same seeds, then bf16 ({args.prefix}) - bf16 "
               f"({args.against}){missing}")
         print(f"    {summary([other[s] - top1['no'][s] for s in other])}")
@@ -436,7 +451,7 @@ def main() -> None:
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    for dx, tag, label in ((-0.15, "bf16", "bf16 - fp32"), (0.15, "t1", "fp32 1 thread - fp32 2 threads")):
+    for dx, tag, label in ((-0.15, "bf16", "bf16 - fp32"), (0.15, "t1", f"fp32 1 thread - fp32 {many} threads")):
         ax.bar([s + dx for s in diffs[tag]], list(diffs[tag].values()), width=0.3, label=label)
     ax.axhspan(-1, 1, color="0.9", zorder=0, label="within 1 point")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))

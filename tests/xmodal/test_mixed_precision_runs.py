@@ -18,11 +18,18 @@ import json, os, sys, time
 from pathlib import Path
 out, seed, precision = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 began = time.time()
-time.sleep(0.4)
+# Rendezvous: wait (up to 5 s) until two runs have started, so that runs meant to overlap do
+# however slowly Python starts on a busy machine; a lone run (one job at a time) goes on after 5 s.
+started = out.parent / ".started"
+started.mkdir(parents=True, exist_ok=True)
+(started / out.name).touch()
+while len(list(started.iterdir())) < 2 and time.time() - began < 5:
+    time.sleep(0.02)
+time.sleep(0.2)
 print("progress of", out.name, file=sys.stderr)
 if seed == 13:
     sys.exit(3)
-out.mkdir(parents=True)
+out.mkdir(parents=True, exist_ok=True)
 threads = int(os.environ.get("OMP_NUM_THREADS", "0"))
 report = {"config": {"seed": seed, "mixed_precision": precision, "teacher": {"checkpoint": "runs/x/teacher.pt",
           "model": {}}, "student": {}, "distill": {"methods": ["infonce_warm"], "train": {"epochs": 3}}},
