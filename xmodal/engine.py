@@ -78,6 +78,31 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _as_json(obj: Any) -> Any:
+    """``obj`` as its fingerprint reads it (tuples as lists, other objects as strings)."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two JSON-like configs (a key on one side only too)."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        keys = sorted(set(saved) | set(now))
+        return [d for k in keys for d in _differences(saved.get(k, _MISSING), now.get(k, _MISSING), f"{prefix}{k}.")]
+    return [] if saved == now else [prefix.rstrip(".") or "(the whole configuration)"]
+
+
+_MISSING = "(absent)"
+
+
+def _another_configuration(what: str, saved: Optional[Any], stage: Stage) -> str:
+    """The refusal of a stage trained otherwise, naming what differs where the folder recorded it."""
+    if saved is None:  # folders from before the identity was kept beside the fingerprint
+        return what
+    keys = _differences(saved, _as_json(stage.config))
+    shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    return f"{what} (it differs in {shown})" if keys else what
+
+
 # ----------------------------------------------------------------- batching
 class GlobalBatchSampler(Sampler[list[int]]):
     """This rank's share of each global batch; the order depends only on ``(seed, epoch)``.
@@ -387,6 +412,7 @@ class Engine:
             {
                 "stage": stage.name,
                 "config": fingerprint(stage.config),
+                "identity": _as_json(stage.config),
                 "epoch": epoch,
                 "module": state,
                 "optimizer": optimizer.state_dict(),
@@ -407,10 +433,9 @@ class Engine:
         except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear error
             raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}); delete it to restart the stage") from None
         if ckpt.get("config") != fingerprint(stage.config):
-            raise CheckpointError(
-                f"checkpoint {path} was written by a run with another configuration of stage {stage.name!r}; "
-                "choose another output_dir or delete that folder"
-            )
+            what = f"checkpoint {path} was written by a run with another configuration of stage {stage.name!r}"
+            raise CheckpointError(f"{_another_configuration(what, ckpt.get('identity'), stage)}; "
+                                  "choose another output_dir or delete that folder")
         try:
             module.load_state_dict(ckpt["module"])
         except RuntimeError as err:
@@ -434,10 +459,9 @@ class Engine:
         done = self.stage_result(stage.name)
         if done is not None:
             if done.get("config") != fingerprint(stage.config) or not (folder / FINAL).exists():
-                raise CheckpointError(
-                    f"{folder} holds stage {stage.name!r} of a run with another configuration; "
-                    "choose another output_dir (or delete that folder to redo the stage)"
-                )
+                what = f"{folder} holds stage {stage.name!r} of a run with another configuration"
+                raise CheckpointError(f"{_another_configuration(what, done.get('identity'), stage)}; "
+                                      "choose another output_dir (or delete that folder to redo the stage)")
             stage.module.load_state_dict(torch.load(folder / FINAL, map_location="cpu", weights_only=False))
             stage.module.to(self.device)
             return done
@@ -445,7 +469,8 @@ class Engine:
         began = time.perf_counter()
         history = self.fit(stage)
         result = dict(evaluate())
-        result.update(history=history, config=fingerprint(stage.config), seconds=time.perf_counter() - began)
+        result.update(history=history, config=fingerprint(stage.config), identity=_as_json(stage.config),
+                      seconds=time.perf_counter() - began)
         if self.is_main:
             atomic_save(stage.module.state_dict(), folder / FINAL)
             atomic_write_text(json.dumps(result, indent=2, default=float), folder / RESULT)

@@ -91,9 +91,23 @@ def test_finished_stage_is_reloaded_not_retrained(engine):
 
 
 def test_stage_of_another_config_is_refused(engine):
-    engine.run(_stage())
-    with pytest.raises(CheckpointError, match="another configuration"):
-        engine.run(_stage(config={"lr": 0.2}))
+    engine.run(_stage(config={"lr": 0.1, "optim": {"name": "sgd", "momentum": 0.9}}))
+    # the refusal names the keys that differ (a nested one, a new one), not only that something did
+    with pytest.raises(CheckpointError, match=r"another configuration \(it differs in lr, optim\.momentum, seed\)"):
+        engine.run(_stage(config={"lr": 0.2, "optim": {"name": "sgd", "momentum": 0.5}, "seed": 1}))
+
+
+def test_a_half_trained_stage_of_another_config_names_the_difference(tmp_path):
+    def crash(epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    engine = Engine(tmp_path, seed=3, num_workers=0, log=False)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(_stage(config={"lr": 0.1}, on_epoch_start=crash))
+    with pytest.raises(CheckpointError, match=r"was written by a run with another configuration of stage 'toy' "
+                                              r"\(it differs in lr\)"):
+        engine.run(_stage(config={"lr": 0.3}))
 
 
 def test_non_finite_loss_stops_before_the_step(engine):
