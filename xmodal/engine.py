@@ -73,14 +73,22 @@ def atomic_write_text(text: str, path: Path) -> None:
     _atomic_write(path, "w", lambda handle: handle.write(text))
 
 
+def _canonical(obj: Any) -> str:
+    """The one serialisation of a stage's config that its fingerprint and its kept identity share."""
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
 def fingerprint(obj: Any) -> str:
     """A short stable hash of a JSON-able object (a stage's config)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(_canonical(obj).encode()).hexdigest()[:16]
 
 
 def _as_json(obj: Any) -> Any:
     """``obj`` as its fingerprint reads it (tuples as lists, other objects as strings)."""
-    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+    return json.loads(_canonical(obj))
+
+
+_MISSING = "(absent)"
 
 
 def _differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
@@ -89,9 +97,6 @@ def _differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
         keys = sorted(set(saved) | set(now))
         return [d for k in keys for d in _differences(saved.get(k, _MISSING), now.get(k, _MISSING), f"{prefix}{k}.")]
     return [] if saved == now else [prefix.rstrip(".") or "(the whole configuration)"]
-
-
-_MISSING = "(absent)"
 
 
 def _another_configuration(what: str, saved: Optional[Any], stage: Stage) -> str:

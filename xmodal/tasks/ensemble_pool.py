@@ -25,7 +25,7 @@ from xmodal.engine import Engine
 from xmodal.errors import ConfigError
 from xmodal.modalities import Modality, view_fn
 from xmodal.models import load_backbone, save_backbone
-from xmodal.models.checkpoint import checkpoint_sha256, read_checkpoint, taught_by
+from xmodal.models.checkpoint import read_checkpoint, taught_by
 from xmodal.schema import ModelConfig, TrainConfig
 from xmodal.tasks.evaluation import extract, top1
 from xmodal.tasks.supervised import build_backbone, supervised_stage
@@ -67,7 +67,7 @@ class Member:
     @functools.cached_property
     def identity(self) -> dict[str, Any]:
         """What a student taught by this member records: its spec, a checkpoint by its content.
-        Read once per member (the first student stage, after the pool loaded the file)."""
+        Read once per member: the duplicate check at resolve time reads it for every file member."""
         return taught_by(to_dict(self), f"teacher {self.position}")
 
     def describe(self) -> str:
@@ -103,7 +103,7 @@ def _refuse_duplicates(members: Sequence[Member]) -> None:
     for m in members:
         if m.checkpoint:
             path = Path(m.checkpoint).expanduser()
-            key: Any = ("file", checkpoint_sha256(path)) if path.is_file() else ("path", str(path.resolve()))
+            key: Any = ("file", m.identity["checkpoint_sha256"]) if path.is_file() else ("path", str(path.resolve()))
             what = f"the same checkpoint ({m.checkpoint})"
         else:
             key = ("trained", m.model.arch, repr(sorted(m.model.options.items())), m.view, m.seed)
