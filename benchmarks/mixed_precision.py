@@ -167,6 +167,22 @@ def make_runs(todo: list[tuple[int, str]], args: argparse.Namespace) -> None:
                          "are kept and the next call reads them")
 
 
+RECORDED_HEADER = "| seed | fp32 | fp32, 1 thread | bf16 |"
+
+
+def recorded_pairs(doc: Path) -> dict[int, float]:
+    """bf16 - fp32 per seed from the first table of ``doc`` headed ``RECORDED_HEADER`` (the table
+    docs/reliability.md keeps of runs no longer on disk: ``runs/`` is not kept between sessions)."""
+    import re
+
+    text = doc.read_text()
+    if RECORDED_HEADER not in text:
+        raise SystemExit(f"--recorded {doc}: no table headed {RECORDED_HEADER!r}")
+    table = text[text.index(RECORDED_HEADER):].split("\n\n")[0]
+    rows = re.findall(r"^\| (\d+) \| ([\d.]+) \| [^|]+ \| ([\d.]+) \|", table, re.M)
+    return {int(seed): round(float(bf16) - float(fp32), 2) for seed, fp32, bf16 in rows}
+
+
 def check_one_teacher(teachers: dict[Path, Optional[str]]) -> None:
     """Refuse to compare runs that learnt from different teacher files (the path alone, checked
     by ``read_run``, does not say: a teacher retrained on other code lands at the same path).
@@ -352,6 +368,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP_NUM_THREADS of the fp32 and bf16 runs (default: torch's, every core); runs "
                              "read must have recorded this count")
+    parser.add_argument("--recorded", type=Path, default=None, metavar="DOC",
+                        help="also pool the bf16 - fp32 pairs of DOC's first per-seed table (e.g. "
+                             "docs/reliability.md: seeds 0-39, runs no longer on disk) with the runs read")
     parser.add_argument("--plot", type=Path, default=None, help="default: <runs>/<prefix>.png")
     parser.add_argument("--margin", type=float, default=1.0, help="equivalence margin in points (issue 6: 1)")
     parser.add_argument("--against", metavar="PREFIX", default=None,
@@ -433,6 +452,16 @@ def main() -> None:
         print(f"{name:22s} {summary(list(diffs[tag].values())) if diffs[tag] else 'no pairs'}")
     if len(diffs["bf16"]) > 1:
         print("bf16 - fp32 " + format_equivalence(equivalence(list(diffs["bf16"].values()), args.margin)))
+    if args.recorded:
+        kept = recorded_pairs(args.recorded)
+        both = sorted(set(kept) & set(diffs["bf16"]))
+        if both:
+            raise SystemExit(f"--recorded {args.recorded} and the runs read both hold seeds {both}: pool disjoint seeds")
+        pooled = [*kept.values(), *diffs["bf16"].values()]
+        print(f"with the {len(kept)} seeds recorded in {args.recorded} ({min(kept)}-{max(kept)}), bf16 - fp32:")
+        print(f"    recorded   {summary(list(kept.values()))}")
+        print(f"    all        {summary(pooled)}")
+        print("    all " + format_equivalence(equivalence(pooled, args.margin)))
     if args.against:
         missing = (f" ({len(diffs['bf16']) - len(other)} of these seeds have no {args.against} bf16 run)"
                    if len(other) < len(diffs["bf16"]) else "")

@@ -111,3 +111,16 @@ def test_runs_of_different_teacher_files_are_not_compared(bench, tmp_path):
     bench.check_one_teacher(same)  # one file, and a report from before the digest was recorded
     with pytest.raises(SystemExit, match=r"different teacher files: .*a from sha256 abababababab; .*c from sha256 cdcdcdcdcdcd"):
         bench.check_one_teacher({**same, tmp_path / "c": "cd" * 32})
+
+
+def test_recorded_pairs_read_the_first_per_seed_table_only(bench, tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n\n| seed | fp32 | fp32, 1 thread | bf16 | bf16 − fp32 | 1 thread − 2 threads |\n"
+                   "|---|---|---|---|---|---|\n| 0 | 50.30 | 49.20 | 50.60 | +0.30 | −1.10 |\n"
+                   "| 3 | 44.80 | — | 47.05 | +2.25 | — |\n\ntext\n\n"
+                   "| seed | fp32 | fp32, 1 thread | bf16 | bf16 − fp32 | 1 thread − 2 threads |\n"
+                   "|---|---|---|---|---|---|\n| 9 | 10.00 | — | 20.00 | +10.00 | — |\n")
+    assert bench.recorded_pairs(doc) == {0: 0.30, 3: 2.25}  # bf16 - fp32 from the figures, second table ignored
+    doc.write_text("no table here\n")
+    with pytest.raises(SystemExit, match="no table headed"):
+        bench.recorded_pairs(doc)
