@@ -192,8 +192,8 @@ class Stage:
 
 SLOW_CPU_BF16 = (
     "mixed_precision=bf16 on a CPU without oneDNN's bf16 path (on x86 it needs AVX512BW/VL/DQ): PyTorch runs bf16 "
-    "convolutions through its fallback kernel, several times slower than fp32 and with weight gradients of "
-    "4-5x one bf16 rounding's error (python benchmarks/bf16_conv.py prints both for this machine); "
+    "convolutions through its fallback kernel, several times slower than fp32, summing weight gradients in "
+    "bf16 image by image (an error growing with the batch; python benchmarks/bf16_conv.py measures both here); "
     "use it to exercise the low-precision path, not for speed")
 
 
