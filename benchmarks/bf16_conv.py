@@ -21,22 +21,44 @@ machine it runs on:
    output gradients with a common component, as in a network, rather than zero-mean noise;
 4. the weight gradient's error against the batch size at one layer shape: a kernel that adds
    each image's contribution into a bf16 buffer (one rounding per image) shows an error growing
-   with the batch, one that accumulates in float32 and rounds once does not.
+   with the batch, one that accumulates in float32 and rounds once does not;
+5. 2-4 again for xmodal's emulated bf16 convolutions (:class:`xmodal.precision.EmulatedBf16`,
+   ``cpu_bf16_convs=emulated``: bf16-rounded operands, float32 kernels, results rounded once),
+   beside PyTorch's own (``native``); and, as the reason only convolutions are emulated, the same
+   errors for a bf16 ``linear`` layer at growing batch (its weight gradient sums over the batch
+   inside one matrix product).
 
     python benchmarks/bf16_conv.py [--batch 64] [--steps 20]
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from xmodal.precision import EmulatedBf16
+
+KERNELS = ("native", "emulated")
+
+
+def bf16_autocast(kernel: str):
+    """bf16 autocast with PyTorch's own convolutions (``native``) or xmodal's emulated ones."""
+    from contextlib import ExitStack
+
+    stack = ExitStack()
+    stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+    if kernel == "emulated":
+        stack.enter_context(EmulatedBf16())
+    return stack
+
 
 def step_time(precision: str, batch: int, steps: int) -> float:
-    """Median seconds of one SGD step of the recipe's student (teacher forward included)."""
+    """Median seconds of one SGD step of the recipe's student (teacher forward included);
+    ``precision``: ``no`` or one of :data:`KERNELS` (bf16)."""
     from xmodal.models import build_model
 
     torch.manual_seed(0)
@@ -46,7 +68,8 @@ def step_time(precision: str, batch: int, steps: int) -> float:
     opt = torch.optim.SGD(student.parameters(), lr=0.01)
 
     def one() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        context = bf16_autocast(precision) if precision in KERNELS else torch.autocast("cpu", enabled=False)
+        with context:
             with torch.no_grad():
                 target = teacher(lum).pooled.float()
             out = student(ab)
@@ -79,18 +102,26 @@ def conv_kernels(batch: int) -> list[str]:
     return [e.key for e in ops[:3]]
 
 
-def conv_errors(batch: int, channels: int, size: int, seed: int = 0) -> dict[str, float]:
-    """Relative errors (Frobenius) of a bf16 3x3 conv against float64 on the same rounded numbers."""
+def layer_errors(batch: int, channels: int, size: int, kernel: str = "native", seed: int = 0) -> dict[str, float]:
+    """Relative errors (Frobenius) of a bf16 3x3 conv (``size`` > 0) or linear layer (``size`` 0)
+    under bf16 autocast with ``kernel`` convolutions, against float64 on the same rounded numbers.
+
+    The layer's float32 input and weight hold bf16 numbers, so autocast's casts are exact and
+    only the kernel's arithmetic (and its rounding of the results) is measured."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, channels, size, size, generator=g).relu().bfloat16()
-    w = (torch.randn(channels, channels, 3, 3, generator=g) * 0.2).bfloat16()
-    grad_out = (torch.randn(batch, channels, size, size, generator=g) * 0.3 + 0.1).bfloat16()
+    shape = (batch, channels, size, size) if size else (batch, channels)
+    x = torch.randn(*shape, generator=g).relu().bfloat16()
+    w = (torch.randn(channels, channels, *((3, 3) if size else ()), generator=g) * 0.2).bfloat16()
+    grad_out = (torch.randn(*shape, generator=g) * 0.3 + 0.1).bfloat16()
+    layer = functools.partial(F.conv2d, padding=1) if size else F.linear
 
     ref = [t.double().requires_grad_() for t in (x, w)]
-    out_ref = F.conv2d(*ref, padding=1)
+    out_ref = layer(*ref)
     out_ref.backward(grad_out.double())
-    got = [t.clone().requires_grad_() for t in (x, w)]
-    out = F.conv2d(*got, padding=1)
+    got = [t.float().requires_grad_() for t in (x, w)]
+    with bf16_autocast(kernel):
+        out = layer(*got)
+    assert out.dtype == torch.bfloat16, out.dtype
     out.backward(grad_out)
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -112,19 +143,25 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; oneDNN bf16 path available: "
           f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
     print(f"bf16 autocast conv step, most self time: {', '.join(conv_kernels(args.batch))}")
-    fp32, bf16 = step_time("no", args.batch, args.steps), step_time("bf16", args.batch, args.steps)
+    times = {p: step_time(p, args.batch, args.steps) for p in ("no", *KERNELS)}
     print(f"training step (resnet8 w8, B={args.batch}, 32x32, teacher forward included), median of {args.steps}: "
-          f"fp32 {fp32 * 1e3:.1f} ms, bf16 autocast {bf16 * 1e3:.1f} ms, bf16 / fp32 {bf16 / fp32:.2f}")
-    print("bf16 conv against float64 on the same rounded numbers (relative error; in brackets: the exact result "
+          f"fp32 {times['no'] * 1e3:.1f} ms, " + ", ".join(
+              f"bf16 {k} {times[k] * 1e3:.1f} ms ({times[k] / times['no']:.2f} x fp32)" for k in KERNELS))
+    print("bf16 layers against float64 on the same rounded numbers (relative error; in brackets: the exact result "
           "rounded once to bf16)")
-    print(f"{'B x C x H':>12s} {'output':>22s} {'weight grad':>22s} {'input grad':>22s} {'|g| ratio - 1':>14s}")
-    for channels, size in ((8, 32), (16, 16), (32, 8)):
-        e = conv_errors(args.batch, channels, size)
-        cells = [f"{e[n]:.2e} [{e[n + ' rounded once']:.2e}]" for n in ("output", "weight grad", "input grad")]
-        print(f"{f'{args.batch}x{channels}x{size}':>12s} {cells[0]:>22s} {cells[1]:>22s} {cells[2]:>22s} "
-              f"{e['|g| ratio - 1']:>+14.1e}")
-    sweep = {b: conv_errors(b, 16, 16) for b in (1, 4, 16, 64, 256)}
-    print("weight grad error against the batch (C=16, 16x16): " + ", ".join(
+    print(f"{'convs':>8s} {'B x C x H':>12s} {'output':>22s} {'weight grad':>22s} {'input grad':>22s} {'|g| ratio - 1':>14s}")
+    for kernel in KERNELS:
+        for channels, size in ((8, 32), (16, 16), (32, 8)):
+            e = layer_errors(args.batch, channels, size, kernel)
+            cells = [f"{e[n]:.2e} [{e[n + ' rounded once']:.2e}]" for n in ("output", "weight grad", "input grad")]
+            print(f"{kernel:>8s} {f'{args.batch}x{channels}x{size}':>12s} {cells[0]:>22s} {cells[1]:>22s} "
+                  f"{cells[2]:>22s} {e['|g| ratio - 1']:>+14.1e}")
+    for kernel in KERNELS:
+        sweep = {b: layer_errors(b, 16, 16, kernel) for b in (1, 4, 16, 64, 256)}
+        print(f"conv weight grad error against the batch (C=16, 16x16), {kernel}: " + ", ".join(
+            f"B={b} {e['weight grad']:.2e} [{e['weight grad rounded once']:.2e}]" for b, e in sweep.items()))
+    sweep = {b: layer_errors(b, 64, 0) for b in (16, 256, 4096)}
+    print("linear layer (64 -> 64) weight grad error against the batch, PyTorch's bf16 kernel: " + ", ".join(
         f"B={b} {e['weight grad']:.2e} [{e['weight grad rounded once']:.2e}]" for b, e in sweep.items()))
 
 

@@ -16,7 +16,11 @@ a 95 % bootstrap interval of the mean over seeds; then whether bf16 - fp32 is sh
 with ``--against PREFIX``, the bf16 runs set against PREFIX's bf16 runs of the same seeds (a
 variant's runs against plain bf16, sharing the fp32 runs). ``--fp32-stem student|both`` makes the bf16 runs keep the
 student's stem, or the student's and the teacher's, in fp32 (``student.fp32_stem=true``,
-``teacher.model.fp32_stem=true``), and checks that the runs read did. Draws
+``teacher.model.fp32_stem=true``), and checks that the runs read did. ``--cpu-bf16-convs
+emulated|native`` makes the bf16 runs run their convolutions as bf16 kernels would on float32
+kernels, or through PyTorch's own bf16 kernels (``cpu_bf16_convs=...``; xmodal/precision.py),
+and checks that the runs read did; without it the bf16 runs read must all have run one way
+(reports from before the key existed ran PyTorch's kernels: ``native``). Draws
 the differences per seed to ``--plot``.
 
 ``--reprobe`` splits bf16's effect between the distillation and the probe's feature pass: each
@@ -61,7 +65,8 @@ def command(out: Path, seed: int, precision: str, args: argparse.Namespace) -> l
     return [sys.executable, "-m", "xmodal", "run", "lab-color-transfer", f"output_dir={out}", f"seed={seed}",
             f"mixed_precision={precision}", f"teacher.checkpoint={args.teacher}",
             f"distill.methods=[{args.method}]", f"distill.train.epochs={args.epochs}", "protocols=[linear_probe]", *stem,
-            *(["cpu=true"] if args.cpu else [])]
+            *(["cpu=true"] if args.cpu else []),
+            *([f"cpu_bf16_convs={args.cpu_bf16_convs}"] if precision == "bf16" and args.cpu_bf16_convs else [])]
 
 
 def wants_fp32_stem(precision: str, args: argparse.Namespace) -> tuple[bool, bool]:
@@ -84,14 +89,25 @@ class Run(NamedTuple):
     seconds: float
     threads: Optional[int]  # None: a report from before xmodal recorded them
     teacher_sha256: Optional[str]  # likewise
+    convs: Optional[str]  # a bf16 CPU run's convolutions, "emulated" or "native"; None for the others
+
+
+def ran_convs(report: dict) -> Optional[str]:
+    """Which bf16 convolutions a CPU bf16 run ran: its report's ``cpu_bf16_convs``; a report
+    from before that key existed ran PyTorch's own kernels (``native``). None for fp32, GPU runs."""
+    if report["config"]["mixed_precision"] != "bf16" or not str(report.get("device", "cpu")).startswith("cpu"):
+        return None
+    return report.get("cpu_bf16_convs", "native")
 
 
 def read_run(out: Path, seed: int, precision: str, args: argparse.Namespace,
-             fp32_stem: Optional[tuple[bool, bool]] = None, threads: Optional[int] = None) -> Run:
-    """The run's probe top-1, wall seconds, intra-op threads and teacher file's sha256, after
-    checking the folder holds this command's run (``fp32_stem``: the (student, teacher) stems it
-    must have kept in fp32; ``threads``: the threads it must have run with, where its report
-    says; None: whichever)."""
+             fp32_stem: Optional[tuple[bool, bool]] = None, threads: Optional[int] = None,
+             convs: Optional[str] = None) -> Run:
+    """The run's probe top-1, wall seconds, intra-op threads, teacher file's sha256 and bf16
+    convolutions, after checking the folder holds this command's run (``fp32_stem``: the
+    (student, teacher) stems it must have kept in fp32; ``threads``: the threads it must have
+    run with, where its report says; ``convs``: a bf16 run's convolutions, ``emulated`` or
+    ``native``; None: whichever)."""
     report = json.loads((out / "report.json").read_text())
     cfg = report["config"]
     # The teacher path may be written relative or absolute: its last two parts must agree.
@@ -105,6 +121,9 @@ def read_run(out: Path, seed: int, precision: str, args: argparse.Namespace,
         raise SystemExit(f"{out}: holds a run of (seed, mixed_precision, methods, epochs, teacher, fp32 stems of "
                          f"student and teacher) = {found}, "
                          f"not {wanted}; choose another --runs or --prefix")
+    if convs is not None and precision == "bf16" and ran_convs(report) != convs:
+        raise SystemExit(f"{out}: its bf16 convolutions ran {ran_convs(report)}, not {convs}; choose another "
+                         "--runs or --prefix, or the --cpu-bf16-convs it ran with")
     if args.cpu and not cfg.get("cpu"):
         raise SystemExit(f"{out}: a run without cpu=true, where --cpu asks for CPU runs only")
     ran_with = report.get("threads")
@@ -115,7 +134,7 @@ def read_run(out: Path, seed: int, precision: str, args: argparse.Namespace,
     # top-1 is a count over the test set in percent, stored as float32: 2 decimals are exact
     # for up to 10,000 test images, and keep "1.00 points apart" from reading as beyond 1.
     return Run(round(float(row["value"]), 2), float(report["timings"]["total"]), ran_with,
-               report["teacher"].get("checkpoint_sha256"))
+               report["teacher"].get("checkpoint_sha256"), ran_convs(report))
 
 
 def run_dir(args: argparse.Namespace, tag: str, seed: int) -> Path:
@@ -378,6 +397,9 @@ def main() -> None:
     parser.add_argument("--fp32-stem", choices=["student", "both"], default=None,
                         help="bf16 runs keep the student's stem in fp32 (student.fp32_stem=true), or the "
                              "student's and the teacher's (both: what stop 15's scratch patch did)")
+    parser.add_argument("--cpu-bf16-convs", choices=["emulated", "native"], default=None,
+                        help="bf16 runs with cpu_bf16_convs=emulated (bf16 numerics on float32 kernels) or native "
+                             "(PyTorch's bf16 kernels); default: the recipe's auto, and runs read all of one kind")
     parser.add_argument("--reprobe", action="store_true",
                         help="also probe fp32 students with bf16 features and bf16 students with fp32 features")
     parser.add_argument("--same-run", nargs=2, type=Path, metavar=("RUN_A", "RUN_B"),
@@ -410,15 +432,21 @@ def main() -> None:
     seconds: dict[str, list[float]] = {tag: [] for tag in PRECISIONS}
     threads_of: dict[str, set] = {tag: set() for tag in PRECISIONS}
     teachers: dict[Path, Optional[str]] = {}
+    convs_of: dict[Optional[str], Path] = {}  # the bf16 runs' convolutions: the first run of each kind
     for seed in seeds:
         for tag, (precision, one) in PRECISIONS.items():
             if (run(tag, seed) / "report.json").exists():
                 got = read_run(run(tag, seed), seed, precision, args, wants_fp32_stem(precision, args),
-                               1 if one else args.threads)
+                               1 if one else args.threads, args.cpu_bf16_convs)
                 top1[tag][seed] = got.top1
                 seconds[tag].append(got.seconds)
                 threads_of[tag].add(got.threads)
                 teachers[run(tag, seed)] = got.teacher_sha256
+                if tag == "bf16":
+                    convs_of.setdefault(got.convs, run(tag, seed))
+    if len(convs_of) > 1:
+        raise SystemExit("the bf16 runs read ran different convolutions: " + "; ".join(
+            f"{path} {kind}" for kind, path in convs_of.items()) + "; give --cpu-bf16-convs to name the one to read")
     other: dict[int, float] = {}  # --against: that prefix's bf16 runs of the seeds paired here
     if args.against:
         for s in seeds:
@@ -442,7 +470,8 @@ def main() -> None:
     diffs = {tag: {s: top1[tag][s] - top1["no"][s] for s in seeds if s in top1[tag] and s in top1["no"]}
              for tag in ("bf16", "t1")}
     cell = lambda table, s, spec: format(table[s], spec) if s in table else "-"  # noqa: E731
-    print(f"{args.method}, {args.epochs} epochs, linear probe top-1 (runs under {args.runs}/{args.prefix}-*)")
+    kind = "".join(f", bf16 convolutions {k}" for k in convs_of if k)
+    print(f"{args.method}, {args.epochs} epochs, linear probe top-1 (runs under {args.runs}/{args.prefix}-*{kind})")
     print(f"{'seed':>4s} {'fp32':>7s} {'1 thread':>9s} {'bf16':>7s} {'bf16-fp32':>10s} {f'1t-{many}t':>7s}")
     for s in seeds:
         print(f"{s:>4d} {cell(top1['no'], s, '.2f'):>7s} {cell(top1['t1'], s, '.2f'):>9s} "

@@ -74,6 +74,7 @@ def run_recipe(recipe: str, overrides: list[str]) -> dict[str, Path]:
     output_dir = Path(cfg.output_dir or Path("runs") / cfg.recipe)
     resolved = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     engine = Engine(output_dir, seed=cfg.seed, mixed_precision=cfg.mixed_precision, cpu=cfg.cpu,
+                    cpu_bf16_convs=cfg.cpu_bf16_convs,
                     num_workers=_workers(cfg.data.name, cfg.data.num_workers), resolved_config=resolved)
     report = tasks[cfg.task][1](cfg, engine)
     report.update(
@@ -86,6 +87,8 @@ def run_recipe(recipe: str, overrides: list[str]) -> dict[str, Path]:
         # What ran it: intra-op threads per process (results move with summation order), torch's build.
         threads=torch.get_num_threads(),
         torch=torch.__version__,
+        # bf16 on the CPU: "emulated" or "native" convolutions (None otherwise); cpu_bf16_convs=auto resolved.
+        cpu_bf16_convs=engine.cpu_bf16_convs,
     )
     paths: dict[str, Path] = {}
     if engine.is_main:

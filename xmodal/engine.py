@@ -19,6 +19,7 @@ import os
 import random
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 
 from xmodal.errors import CheckpointError, ConfigError, XmodalError
 from xmodal.models.batchnorm import convert_batchnorm
+from xmodal.precision import EmulatedBf16, cpu_bf16_kernels, resolve_cpu_bf16_convs
 from xmodal.schema import TrainConfig
 
 CHECKPOINT = "checkpoint.pt"
@@ -99,11 +101,11 @@ def _differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
     return [] if saved == now else [prefix.rstrip(".") or "(the whole configuration)"]
 
 
-def _another_configuration(what: str, saved: Optional[Any], stage: Stage) -> str:
+def _another_configuration(what: str, saved: Optional[Any], identity: Mapping[str, Any]) -> str:
     """The refusal of a stage trained otherwise, naming what differs where the folder recorded it."""
     if saved is None:  # folders from before the identity was kept beside the fingerprint
         return what
-    keys = _differences(saved, _as_json(stage.config))
+    keys = _differences(saved, _as_json(identity))
     shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
     return f"{what} (it differs in {shown})" if keys else what
 
@@ -191,18 +193,14 @@ class Stage:
 
 
 SLOW_CPU_BF16 = (
-    "mixed_precision=bf16 on a CPU without oneDNN's bf16 path (on x86 it needs AVX512BW/VL/DQ): PyTorch runs bf16 "
-    "convolutions through its fallback kernel, several times slower than fp32, summing weight gradients in "
-    "bf16 image by image (an error growing with the batch; python benchmarks/bf16_conv.py measures both here); "
-    "use it to exercise the low-precision path, not for speed")
-
-
-def cpu_bf16_kernels() -> Optional[bool]:
-    """Whether PyTorch's oneDNN bf16 kernels run on this CPU; None where torch cannot say."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return None
+    "mixed_precision=bf16 cpu_bf16_convs=native on a CPU without oneDNN's bf16 path (on x86 it needs AVX512BW/VL/DQ): "
+    "PyTorch runs bf16 convolutions through its fallback kernel, several times slower than fp32, summing weight "
+    "gradients in bf16 image by image (an error growing with the batch; python benchmarks/bf16_conv.py measures both "
+    "here); cpu_bf16_convs=auto runs them as bf16 kernels would, on float32 kernels")
+EMULATED_CPU_BF16 = (
+    "mixed_precision=bf16 on a CPU without oneDNN's bf16 path: convolutions take bf16-rounded operands, sum in "
+    "float32 and round their results to bf16 (the numerics of bf16 kernels) on float32 kernels "
+    "(cpu_bf16_convs=auto; =native runs PyTorch's slower fallback kernel)")
 
 
 class Engine:
@@ -212,13 +210,16 @@ class Engine:
         output_dir: the run's folder; stages write under ``stages/``, TensorBoard under ``tb/``.
         seed: drives data order, augmentation and initialisation.
         mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"``.
+        cpu_bf16_convs: for bf16 on the CPU, ``"auto"``, ``"emulated"`` or ``"native"``
+            convolutions (:mod:`xmodal.precision`).
         cpu: force the CPU even when an accelerator is present.
         num_workers: DataLoader workers per process (they only decode).
         log: write TensorBoard logs.
     """
 
     def __init__(self, output_dir: Path, seed: int = 0, mixed_precision: str = "no", cpu: bool = False,
-                 num_workers: int = 2, log: bool = True, resolved_config: Optional[str] = None) -> None:
+                 num_workers: int = 2, log: bool = True, resolved_config: Optional[str] = None,
+                 cpu_bf16_convs: str = "auto") -> None:
         if mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"mixed_precision={mixed_precision!r}: expected 'no', 'fp16' or 'bf16'")
         self.output_dir = Path(output_dir)
@@ -234,8 +235,12 @@ class Engine:
         )
         self._log, self._resolved_config, self._started = log, resolved_config, False
         self._mixed_precision = mixed_precision
-        if mixed_precision == "bf16" and self.device.type == "cpu" and self.is_main and cpu_bf16_kernels() is False:
-            print(f"[xmodal] note: {SLOW_CPU_BF16}", file=sys.stderr, flush=True)
+        kernels = cpu_bf16_kernels() if mixed_precision == "bf16" and self.device.type == "cpu" else None
+        #: ``"emulated"`` / ``"native"`` for a bf16 run on the CPU, else None (report.json records it).
+        self.cpu_bf16_convs = resolve_cpu_bf16_convs(cpu_bf16_convs, mixed_precision, self.device, kernels)
+        if kernels is False and self.is_main:
+            note = EMULATED_CPU_BF16 if self.cpu_bf16_convs == "emulated" else SLOW_CPU_BF16
+            print(f"[xmodal] note: {note}", file=sys.stderr, flush=True)
         set_seed(seed)
 
     def start_outputs(self) -> None:
@@ -298,11 +303,31 @@ class Engine:
 
         Accelerate's own context ignores fp16 on the CPU; here fp16 on the CPU autocasts for
         real (without loss scaling), so CPU runs exercise the same low-precision paths a GPU
-        run takes.
+        run takes. bf16 on the CPU with emulated convolutions also enters :class:`EmulatedBf16`.
         """
         if self._mixed_precision == "fp16" and self.device.type == "cpu":
             return torch.autocast("cpu", dtype=torch.float16)
+        if self.cpu_bf16_convs == "emulated":
+            stack = ExitStack()
+            stack.enter_context(self.accelerator.autocast())
+            stack.enter_context(EmulatedBf16())
+            return stack
         return self.accelerator.autocast()
+
+    def identity(self, stage: Stage) -> Mapping[str, Any]:
+        """What a finished or resumable stage must match: its config, and the run's precision.
+
+        A float32 run's identity is the stage's config alone (as before precision counted);
+        a mixed-precision run's adds ``precision`` (and, for bf16 on the CPU, which convolutions
+        ran), so a folder of fp32 stages never hands back its students to a bf16 run, nor the
+        reverse.
+        """
+        if self._mixed_precision == "no":
+            return stage.config
+        precision = {"mixed_precision": self._mixed_precision}
+        if self.cpu_bf16_convs is not None:
+            precision["cpu_bf16_convs"] = self.cpu_bf16_convs
+        return {**stage.config, "precision": precision}
 
     def stage_dir(self, name: str) -> Path:
         return self.output_dir / "stages" / name
@@ -416,8 +441,8 @@ class Engine:
         atomic_save(
             {
                 "stage": stage.name,
-                "config": fingerprint(stage.config),
-                "identity": _as_json(stage.config),
+                "config": fingerprint(self.identity(stage)),
+                "identity": _as_json(self.identity(stage)),
                 "epoch": epoch,
                 "module": state,
                 "optimizer": optimizer.state_dict(),
@@ -437,9 +462,9 @@ class Engine:
             ckpt = torch.load(path, map_location=self.device, weights_only=False)
         except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear error
             raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}); delete it to restart the stage") from None
-        if ckpt.get("config") != fingerprint(stage.config):
+        if ckpt.get("config") != fingerprint(self.identity(stage)):
             what = f"checkpoint {path} was written by a run with another configuration of stage {stage.name!r}"
-            raise CheckpointError(f"{_another_configuration(what, ckpt.get('identity'), stage)}; "
+            raise CheckpointError(f"{_another_configuration(what, ckpt.get('identity'), self.identity(stage))}; "
                                   "choose another output_dir or delete that folder")
         try:
             module.load_state_dict(ckpt["module"])
@@ -463,9 +488,9 @@ class Engine:
         folder = self.stage_dir(stage.name)
         done = self.stage_result(stage.name)
         if done is not None:
-            if done.get("config") != fingerprint(stage.config) or not (folder / FINAL).exists():
+            if done.get("config") != fingerprint(self.identity(stage)) or not (folder / FINAL).exists():
                 what = f"{folder} holds stage {stage.name!r} of a run with another configuration"
-                raise CheckpointError(f"{_another_configuration(what, done.get('identity'), stage)}; "
+                raise CheckpointError(f"{_another_configuration(what, done.get('identity'), self.identity(stage))}; "
                                       "choose another output_dir (or delete that folder to redo the stage)")
             stage.module.load_state_dict(torch.load(folder / FINAL, map_location="cpu", weights_only=False))
             stage.module.to(self.device)
@@ -474,7 +499,7 @@ class Engine:
         began = time.perf_counter()
         history = self.fit(stage)
         result = dict(evaluate())
-        result.update(history=history, config=fingerprint(stage.config), identity=_as_json(stage.config),
+        result.update(history=history, config=fingerprint(self.identity(stage)), identity=_as_json(self.identity(stage)),
                       seconds=time.perf_counter() - began)
         if self.is_main:
             atomic_save(stage.module.state_dict(), folder / FINAL)

@@ -143,4 +143,7 @@ class RunConfig:
     quick: bool = False
     output_dir: Optional[str] = None
     mixed_precision: str = "no"
+    # bf16 on the CPU: "auto" runs convolutions as bf16 kernels would, on float32 kernels, where the
+    # CPU lacks oneDNN's bf16 path; "emulated" / "native" force one (xmodal/precision.py).
+    cpu_bf16_convs: str = "auto"
     cpu: bool = False
