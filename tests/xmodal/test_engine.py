@@ -195,14 +195,19 @@ def test_bf16_on_a_cpu_without_bf16_kernels_says_so(tmp_path, monkeypatch, capsy
     import xmodal.engine as engine_module
 
     monkeypatch.setattr(engine_module, "cpu_bf16_kernels", lambda: kernels)
-    for precision in ("bf16", "no"):
-        Engine(tmp_path / precision, mixed_precision=precision, cpu=True, log=False)
+    for precision, convs in (("bf16", "auto"), ("bf16", "native"), ("no", "auto")):
+        Engine(tmp_path / precision, mixed_precision=precision, cpu=True, log=False, cpu_bf16_convs=convs)
         err = capsys.readouterr().err
-        assert ("[xmodal] note: mixed_precision=bf16 on a CPU without" in err) == (precision == "bf16" and kernels is False)
+        said = precision == "bf16" and kernels is False
+        # auto emulates there and says so; native warns of the fallback kernel
+        assert ("[xmodal] note: mixed_precision=bf16 on a CPU without oneDNN's bf16 path: convolutions take "
+                "bf16-rounded operands" in err) == (said and convs == "auto")
+        assert ("[xmodal] note: mixed_precision=bf16 cpu_bf16_convs=native on a CPU without" in err) == (
+            said and convs == "native")
 
 
 def test_cpu_bf16_kernels_is_none_where_torch_cannot_say(monkeypatch):
-    from xmodal.engine import cpu_bf16_kernels
+    from xmodal.precision import cpu_bf16_kernels
 
     def gone():
         raise AttributeError("no such op in this torch build")

@@ -26,10 +26,12 @@ def test_engine_autocast_is_really_low_precision(tmp_path, precision, dtype):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_distillation_stays_finite(tmp_path, precision):
+@pytest.mark.parametrize("precision,convs", [("fp16", "auto"), ("bf16", "native"), ("bf16", "emulated")])
+def test_distillation_stays_finite(tmp_path, precision, convs):
+    # bf16 with PyTorch's own convolutions and with xmodal's emulated ones (xmodal/precision.py)
     out = tmp_path / precision
-    assert main(["run", "lab-color-transfer", f"output_dir={out}", f"mixed_precision={precision}", *TINY]) == 0
+    assert main(["run", "lab-color-transfer", f"output_dir={out}", f"mixed_precision={precision}",
+                 f"cpu_bf16_convs={convs}", *TINY]) == 0
     for method in ("crd_warm", "kd", "fitnet"):
         history = json.loads((out / "stages" / f"distill-{method}" / "result.json").read_text())["history"]
         assert len(history) == 2

@@ -43,7 +43,7 @@ report = {"config": {"seed": seed, "mixed_precision": precision, "teacher": {"ch
 
 def _args(tmp_path: Path, **kw) -> argparse.Namespace:
     base = dict(runs=tmp_path / "runs", prefix="mp", teacher=Path("runs/x/teacher.pt"), method="infonce_warm",
-                epochs=3, fp32_stem=None, jobs=2, threads=3, cpu=False)
+                epochs=3, fp32_stem=None, jobs=2, threads=3, cpu=False, cpu_bf16_convs=None)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -63,9 +63,9 @@ def test_runs_in_parallel_with_their_threads_and_logs(fake, tmp_path):
     spans = []
     for seed, tag in todo:
         out = fake.run_dir(args, tag, seed)
-        top1, _, threads, _ = fake.read_run(out, seed, fake.PRECISIONS[tag][0], args, threads=1 if tag == "t1" else 3)
-        assert top1 == 40.0 + seed + (0.5 if tag == "bf16" else 0.0)
-        assert threads == (1 if tag == "t1" else 3)  # OMP_NUM_THREADS as each run was given it
+        got = fake.read_run(out, seed, fake.PRECISIONS[tag][0], args, threads=1 if tag == "t1" else 3)
+        assert got.top1 == 40.0 + seed + (0.5 if tag == "bf16" else 0.0)
+        assert got.threads == (1 if tag == "t1" else 3)  # OMP_NUM_THREADS as each run was given it
         assert f"progress of {out.name}" in (args.runs / f"{out.name}.log").read_text()
         spans.append(json.loads((out / "span.json").read_text()))
     # Two at a time: some runs overlap, and no instant is inside three runs.
@@ -124,3 +124,30 @@ def test_recorded_pairs_read_the_first_per_seed_table_only(bench, tmp_path):
     doc.write_text("no table here\n")
     with pytest.raises(SystemExit, match="no table headed"):
         bench.recorded_pairs(doc)
+
+
+def test_bf16_convolutions_are_asked_for_checked_and_never_mixed(fake, tmp_path, monkeypatch, capsys):
+    args = _args(tmp_path, jobs=1, cpu_bf16_convs="emulated")
+    fake.make_runs([(s, tag) for s in (1, 2) for tag in ("no", "bf16")], args)
+    bf16 = fake.run_dir(args, "bf16", 2)
+    # The stand-in's reports predate the key: a CPU bf16 run of then ran PyTorch's kernels.
+    with pytest.raises(SystemExit, match="its bf16 convolutions ran native, not emulated"):
+        fake.read_run(bf16, 2, "bf16", args, convs="emulated")
+    assert fake.read_run(bf16, 2, "bf16", args, convs="native").convs == "native"
+    assert fake.read_run(fake.run_dir(args, "no", 2), 2, "no", args, convs="emulated").convs is None  # fp32
+    report = json.loads((bf16 / "report.json").read_text())
+    (bf16 / "report.json").write_text(json.dumps({**report, "cpu_bf16_convs": "emulated"}))
+    assert fake.read_run(bf16, 2, "bf16", args, convs="emulated").convs == "emulated"
+    # One table never holds bf16 runs of both kinds.
+    monkeypatch.setattr(sys, "argv", ["mixed_precision.py", "--seeds", "1-2", "--runs", str(args.runs), "--prefix", "mp",
+                                      "--teacher", "runs/x/teacher.pt", "--report-only", "--threads", "3"])
+    with pytest.raises(SystemExit, match=r"bf16 runs read ran different convolutions: .*mp-bf16-s1 native; .*mp-bf16-s2 emulated"):
+        fake.main()
+
+
+def test_bf16_convolutions_reach_the_command(bench, tmp_path):
+    for convs in (None, "emulated", "native"):
+        args = _args(tmp_path, cpu_bf16_convs=convs)
+        wanted = [f"cpu_bf16_convs={convs}"] if convs else []
+        assert [a for a in bench.command(tmp_path, 6, "bf16", args) if a.startswith("cpu_bf16")] == wanted
+        assert not [a for a in bench.command(tmp_path, 6, "no", args) if a.startswith("cpu_bf16")]

@@ -143,6 +143,11 @@ CASES = [
     Case("unknown dataset name", lambda d: ["data=cifar11", "data.root=/tmp"], "unknown dataset 'cifar11'; did you mean 'cifar10'"),
     Case("output folder holding a run of another configuration", lambda d: ["teacher.train.epochs=2"],
          "another configuration"),
+    Case("unknown bf16 convolution kind", lambda d: ["mixed_precision=bf16", "cpu_bf16_convs=fast"],
+         "cpu_bf16_convs='fast': expected one of auto, emulated, native"),
+    # The folder holds the fp32 run's stages; a bf16 run must not be handed its students.
+    Case("output folder of an fp32 run, run again in bf16", lambda d: ["mixed_precision=bf16"],
+         "it differs in precision"),
     # The earlier run learnt from one file; this one finds another file at the same path.
     Case("teacher checkpoint replaced by another file at the same path",
          lambda d: [f"teacher.checkpoint={_checkpoint(d / 'swapped.pt', 'resnet8', 4, seed=1)}"],
