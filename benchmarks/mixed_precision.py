@@ -232,7 +232,10 @@ def probe_worker(precision: str, runs: list[Path]) -> None:
     from xmodal.tasks.subset import open_split
     from xmodal.tasks.transfer import TransferConfig, build_student
 
-    engine = Engine(Path(tempfile.mkdtemp(prefix="reprobe-")), mixed_precision=precision, log=False, num_workers=0)
+    # "bf16-native" / "bf16-emulated": bf16 with that kind of convolutions (a CPU table's kind)
+    mixed, _, convs = precision.partition("-")
+    engine = Engine(Path(tempfile.mkdtemp(prefix="reprobe-")), mixed_precision=mixed, log=False, num_workers=0,
+                    cpu_bf16_convs=convs or "auto")
     for run in runs:
         cfg = from_dict(TransferConfig, json.loads((run / "report.json").read_text())["config"])
         (method,) = cfg.distill.methods
@@ -277,7 +280,8 @@ def sha256(path: Path) -> str:
 
 
 def reprobe(runs: list[Path], precision: str, method: str) -> dict[Path, float]:
-    """Probe top-1 of each run's student with features under ``precision``, cached beside the run."""
+    """Probe top-1 of each run's student with features under ``precision`` (``no``, ``bf16``, or
+    ``bf16-native`` / ``bf16-emulated`` on the CPU), cached beside the run under that name."""
     found: dict[Path, float] = {}
     todo = []
     for run in runs:
@@ -448,12 +452,14 @@ def main() -> None:
         raise SystemExit("the bf16 runs read ran different convolutions: " + "; ".join(
             f"{path} {kind}" for kind, path in convs_of.items()) + "; give --cpu-bf16-convs to name the one to read")
     other: dict[int, float] = {}  # --against: that prefix's bf16 runs of the seeds paired here
+    other_convs: set = set()  # ... and their convolutions, named in the header
     if args.against:
         for s in seeds:
             path = args.runs / f"{args.against}-bf16-s{s}"
             if s in top1["bf16"] and s in top1["no"] and (path / "report.json").exists():
                 got = read_run(path, s, "bf16", args)
                 other[s], teachers[path] = got.top1, got.teacher_sha256
+                other_convs.add(got.convs)
     if args.teacher.is_file():  # the file named now must be the one the runs learnt from
         from xmodal.models.checkpoint import checkpoint_sha256
 
@@ -482,26 +488,31 @@ def main() -> None:
     if len(diffs["bf16"]) > 1:
         print("bf16 - fp32 " + format_equivalence(equivalence(list(diffs["bf16"].values()), args.margin)))
     if args.recorded:
+        if "emulated" in convs_of:  # the recorded table's bf16 runs predate the key: PyTorch's own kernels
+            raise SystemExit(f"--recorded {args.recorded}: its bf16 runs ran PyTorch's own (native) convolutions, "
+                             "the runs read emulated ones; pool runs of one kind")
         kept = recorded_pairs(args.recorded)
         both = sorted(set(kept) & set(diffs["bf16"]))
         if both:
             raise SystemExit(f"--recorded {args.recorded} and the runs read both hold seeds {both}: pool disjoint seeds")
         pooled = [*kept.values(), *diffs["bf16"].values()]
-        print(f"with the {len(kept)} seeds recorded in {args.recorded} ({min(kept)}-{max(kept)}), bf16 - fp32:")
+        print(f"with the {len(kept)} seeds recorded in {args.recorded} ({min(kept)}-{max(kept)}; bf16 convolutions "
+              "native), bf16 - fp32:")
         print(f"    recorded   {summary(list(kept.values()))}")
         print(f"    all        {summary(pooled)}")
         print("    all " + format_equivalence(equivalence(pooled, args.margin)))
     if args.against:
         missing = (f" ({len(diffs['bf16']) - len(other)} of these seeds have no {args.against} bf16 run)"
                    if len(other) < len(diffs["bf16"]) else "")
-        print(f"against {args.against}: bf16 - fp32 of its runs on the same seeds, then bf16 ({args.prefix}) - bf16 "
-              f"({args.against}){missing}")
+        kinds = "".join(f", bf16 convolutions {k}" for k in sorted(other_convs - {None}))
+        print(f"against {args.against}{kinds}: bf16 - fp32 of its runs on the same seeds, then bf16 ({args.prefix}) - "
+              f"bf16 ({args.against}){missing}")
         print(f"    {summary([other[s] - top1['no'][s] for s in other])}")
         print(f"    {summary([top1['bf16'][s] - other[s] for s in other])}")
     print("mean wall seconds per run (report.json timings.total): " + ", ".join(
         f"{tag} {sum(s) / len(s):.0f} s" for tag, s in seconds.items() if s))
     if args.reprobe:
-        report_reprobe(args, top1, [s for s in seeds if s in diffs["bf16"]])
+        report_reprobe(args, top1, [s for s in seeds if s in diffs["bf16"]], next(iter(convs_of), None))
 
     import matplotlib
     matplotlib.use("Agg")
@@ -523,13 +534,15 @@ def main() -> None:
     print(f"plot: {plot}")
 
 
-def report_reprobe(args: argparse.Namespace, top1: dict[str, dict[int, float]], seeds: list[int]) -> None:
-    """Split bf16 - fp32 into what the distillation changed and what the probe's feature pass changed."""
+def report_reprobe(args: argparse.Namespace, top1: dict[str, dict[int, float]], seeds: list[int],
+                   convs: Optional[str]) -> None:
+    """Split bf16 - fp32 into what the distillation changed and what the probe's feature pass
+    changed (``convs``: the bf16 runs' convolutions, which the bf16 feature pass uses too)."""
     run = functools.partial(run_dir, args)
     fp32_students = {s: run("no", s) for s in seeds}
     bf16_students = {s: run("bf16", s) for s in seeds}
     again = reprobe(list(fp32_students.values()), "no", args.method)
-    in_bf16 = reprobe(list(fp32_students.values()), "bf16", args.method)
+    in_bf16 = reprobe(list(fp32_students.values()), f"bf16-{convs}" if convs else "bf16", args.method)
     in_fp32 = reprobe(list(bf16_students.values()), "no", args.method)
     same = sum(again[fp32_students[s]] == top1["no"][s] for s in seeds)
     print(f"reprobe: fp32 students probed in fp32 again reproduce their reports on {same} of {len(seeds)} seeds")

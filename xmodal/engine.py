@@ -107,6 +107,10 @@ def _another_configuration(what: str, saved: Optional[Any], identity: Mapping[st
         return what
     keys = _differences(saved, _as_json(identity))
     shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    ran = saved.get("precision", {}).get("cpu_bf16_convs") if isinstance(saved.get("precision"), dict) else None
+    if "precision.cpu_bf16_convs" in keys and ran:
+        # cpu_bf16_convs=auto resolves by the host's CPU: a folder begun on another machine says how to go on
+        shown += f"; cpu_bf16_convs={ran} runs it as it ran"
     return f"{what} (it differs in {shown})" if keys else what
 
 

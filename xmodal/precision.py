@@ -14,8 +14,13 @@ of a convolution is rounded to bf16 (as autocast would), the product is taken in
 product of two bf16 numbers is exact in float32, so only the summation order can differ from a
 float32-accumulating bf16 kernel), and the result is rounded once to bf16. Autograd does the
 same backwards: the gradients reaching the operands are rounded once to bf16, as a bf16
-kernel's gradient outputs are. It runs at float32's speed; it saves a convolution's input for
-backward in float32 (twice the bytes a bf16 kernel saves).
+kernel's gradient outputs are. It runs at about float32's speed (``benchmarks/bf16_conv.py``
+here: a training step 1.15 times fp32's, PyTorch's fallback 7.1 times); it saves a convolution's
+input for backward in float32 (twice the bytes a bf16 kernel saves). Two small departures: a
+weight used twice in one autocast region gets its two bf16-rounded gradients summed in float32
+(autocast's cached bf16 copy sums them in bf16), and float64 operands pass through unchanged, as
+autocast leaves them. Linear layers are not emulated: PyTorch's bf16 matrix products already sum
+in float32 (tests/xmodal/test_precision.py checks it).
 
 ``cpu_bf16_convs`` (a run's key): ``auto`` emulates where :func:`cpu_bf16_kernels` says the
 CPU lacks oneDNN's bf16 path and runs the native kernels elsewhere; ``emulated`` / ``native``
@@ -27,7 +32,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from xmodal.errors import ConfigError
 
@@ -81,7 +86,8 @@ class EmulatedBf16(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if (func not in EMULATED_OPS or not torch.is_autocast_enabled("cpu")
-                or torch.get_autocast_dtype("cpu") != torch.bfloat16):
+                or torch.get_autocast_dtype("cpu") != torch.bfloat16
+                or any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tree_leaves((args, kwargs)))):
             return func(*args, **kwargs)
         args, kwargs = tree_map(_bf16_rounded, (args, kwargs))
         with torch.autocast("cpu", enabled=False):
