@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 
 import pytest
+import torch
 
 from xmodal.cli import main
-from xmodal.models import build_model, save_backbone
+from xmodal.models import build_model, load_backbone, save_backbone
 from xmodal.models.checkpoint import read_checkpoint
 from xmodal.tasks.ensemble import critic_weights
 
@@ -87,8 +89,6 @@ def test_tiny_cross_modal_run_gives_each_teacher_its_own_view(cifar10_jpeg, tmp_
 
 
 def _checkpoint(path, num_classes: int, seed: int = 0, in_channels: int = 3):
-    import torch
-
     torch.manual_seed(seed)
     return save_backbone(path, build_model("resnet8", in_channels, num_classes, width=4))
 
@@ -147,6 +147,18 @@ def test_a_checkpoint_members_identity_is_its_file(tmp_path):
     assert member(path).identity["checkpoint_sha256"] != first["checkpoint_sha256"]
     trained = Member(position=1, model=ModelConfig(arch="resnet8"), view="rgb", seed=0, checkpoint=None)
     assert "checkpoint_sha256" not in trained.identity
+    # a member reads its file once: identity and the weights it loads are those bytes, whatever is
+    # put at the path later (before, the identity hashed the path at resolve time and the pool
+    # loaded it again when it built the teachers)
+    read = member(path)
+    first = path.read_bytes()
+    recorded = read.identity["checkpoint_sha256"]
+    _checkpoint(path, 10, seed=2)
+    assert path.read_bytes() != first
+    assert read.identity["checkpoint_sha256"] == recorded == hashlib.sha256(first).hexdigest()
+    loaded = load_backbone(read.file, "teacher 0").state_dict()
+    original = torch.load(io.BytesIO(first), weights_only=True)["state_dict"]
+    assert loaded.keys() == original.keys() and all(torch.equal(loaded[k], original[k]) for k in loaded)
 
 
 @pytest.mark.slow

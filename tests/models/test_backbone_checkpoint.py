@@ -121,3 +121,28 @@ def test_failed_save_leaves_previous_file_intact(saved, monkeypatch):
         save_backbone(path, build_model("resnet8", width=16))
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == ["student.pt"]
+
+
+def test_a_checkpoint_read_once_is_hashed_and_loaded_from_the_same_bytes(saved):
+    # A teacher's sha256 (what its students record) and its weights come from one read: a file
+    # put at the path afterwards changes neither. taught_by takes only a file so read.
+    import hashlib
+
+    from xmodal.models.checkpoint import open_checkpoint, taught_by
+
+    model, path = saved
+    first = path.read_bytes()
+    held = open_checkpoint(path, "teacher")
+    assert held.sha256 == hashlib.sha256(first).hexdigest()
+    torch.manual_seed(1)
+    save_backbone(path, build_model("resnet8", in_channels=1, num_classes=10, width=8))
+    assert path.read_bytes() != first
+    x = torch.randn(2, 1, 32, 32)
+    for loaded in (load_backbone(held, "teacher").eval(),
+                   load_weights_into(build_model("resnet8", 1, 10, width=8), held, "teacher").eval()):
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+    recorded = taught_by({"arch": "resnet8", "checkpoint": str(path)}, held)
+    assert recorded == {"arch": "resnet8", "checkpoint_sha256": held.sha256}
+    with pytest.raises(ValueError, match="must be passed as read"):
+        taught_by({"checkpoint": str(path)}, None)
+    assert taught_by({"arch": "resnet8", "checkpoint": None}, None) == {"arch": "resnet8", "checkpoint": None}

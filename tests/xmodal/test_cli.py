@@ -179,3 +179,38 @@ def test_another_teacher_file_at_the_same_path_is_not_resumed_as_the_old_one(tmp
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "'distill-crd' of a run with another configuration (it differs in teacher.checkpoint_sha256)" in last
     assert stage.read_bytes() == before  # nothing already written is lost
+
+
+@pytest.mark.slow
+def test_a_teacher_file_replaced_during_the_run_is_neither_loaded_nor_recorded(tmp_path, monkeypatch):
+    # The teacher file is read once: the sha256 the students record and the weights the teacher
+    # loads are those bytes. Before, the path was hashed, then read again seconds later to load,
+    # so a file put there in between taught the students under the first file's sha256.
+    from xmodal.engine import Engine
+
+    teacher = tmp_path / "teacher.pt"
+
+    def write_teacher(seed: int) -> None:
+        torch.manual_seed(seed)
+        save_backbone(teacher, build_model("resnet8", 1, 10, width=4))
+
+    args = [*TINY, "distill.methods=[kd]", "protocols=[linear_probe]", f"teacher.checkpoint={teacher}"]
+    write_teacher(0)
+    first = teacher.read_bytes()
+    assert main(["run", "lab-color-transfer", f"output_dir={tmp_path / 'plain'}", *args]) == 0
+
+    real_first_batch = Engine.first_batch
+
+    def replace_the_file_then_batch(self, *a, **k):  # after the recipe has read its teacher, before it loads it
+        write_teacher(1)
+        return real_first_batch(self, *a, **k)
+
+    monkeypatch.setattr(Engine, "first_batch", replace_the_file_then_batch)
+    assert main(["run", "lab-color-transfer", f"output_dir={tmp_path / 'swapped'}", *args]) == 0
+    assert teacher.read_bytes() != first  # the swap did happen
+    plain, swapped = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("plain", "swapped"))
+    assert swapped["teacher"]["checkpoint_sha256"] == hashlib.sha256(first).hexdigest()
+    student = ("stages", "distill-kd", "final.pt")
+    a, b = (torch.load(tmp_path.joinpath(d, *student), weights_only=True) for d in ("plain", "swapped"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # taught by the first file's weights
+    assert swapped["results"] == plain["results"]

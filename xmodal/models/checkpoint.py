@@ -7,10 +7,12 @@ Loading into the wrong network fails with one line naming the file and the diffe
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -62,38 +64,72 @@ def checkpoint_sha256(path: PathLike, role: str = "") -> str:
     return digest.hexdigest()
 
 
-def taught_by(teacher: dict[str, Any], role: str = "teacher") -> dict[str, Any]:
-    """A teacher's recorded config as part of a student's identity: a ``checkpoint`` counts by its
-    content (``checkpoint_sha256``), not by its path, so another file at the same path is another
-    teacher and the same file reached by another path (relative, absolute, moved) the same one."""
-    if not teacher.get("checkpoint"):
-        return dict(teacher)
-    rest = {k: v for k, v in teacher.items() if k != "checkpoint"}
-    return {**rest, "checkpoint_sha256": checkpoint_sha256(teacher["checkpoint"], role)}
+@dataclass(frozen=True)
+class CheckpointFile:
+    """A checkpoint read once: its payload and the sha256 of the very bytes that payload came from.
+
+    A stage taught by a checkpoint records the file's sha256 and loads its weights; reading the
+    path twice (once to hash, once to load) would let a file put there in between be loaded under
+    the old one's name. Hash, header and weights all come from one read (``open_checkpoint``).
+    """
+
+    path: str
+    role: str
+    payload: dict[str, Any]
+    sha256: str
 
 
-def read_checkpoint(path: PathLike, role: str = "") -> dict[str, Any]:
-    """The checkpoint dict at ``path``; missing, corrupt or foreign files raise CheckpointError."""
+def open_checkpoint(path: PathLike, role: str = "") -> CheckpointFile:
+    """Read the checkpoint at ``path`` once; missing, corrupt or foreign files raise CheckpointError."""
     name = _name(path, role)
     if not Path(path).is_file():
         raise CheckpointError(f"{name} does not exist")
+    data = Path(path).read_bytes()
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises pickle, zip and runtime errors alike for bad files
         raise CheckpointError(f"{name} is not a readable PyTorch checkpoint ({type(err).__name__})") from err
     missing = [k for k in _KEYS if not isinstance(payload, dict) or k not in payload]
     if missing:
         raise CheckpointError(f"{name} is not an xmodal backbone checkpoint (missing {', '.join(missing)})")
-    return payload
+    return CheckpointFile(str(path), role, payload, hashlib.sha256(data).hexdigest())
 
 
-def load_backbone(path: PathLike, role: str = "", **expected: Any) -> Backbone:
-    """Rebuild the backbone saved at ``path`` and load its weights.
+def taught_by(teacher: dict[str, Any], held: Optional[CheckpointFile], role: str = "teacher") -> dict[str, Any]:
+    """A teacher's recorded config as part of a student's identity: a ``checkpoint`` counts by its
+    content (``checkpoint_sha256``), not by its path, so another file at the same path is another
+    teacher and the same file reached by another path (relative, absolute, moved) the same one.
+    ``held`` is that checkpoint as read for loading (``open_checkpoint``): the bytes hashed are the
+    bytes loaded, never a second read of the path."""
+    if not teacher.get("checkpoint"):
+        return dict(teacher)
+    if held is None or held.path != str(teacher["checkpoint"]):
+        raise ValueError(f"taught_by: {role} checkpoint {teacher['checkpoint']} must be passed as read "
+                         f"(open_checkpoint), got {held.path if held else None}")
+    rest = {k: v for k, v in teacher.items() if k != "checkpoint"}
+    return {**rest, "checkpoint_sha256": held.sha256}
+
+
+def read_checkpoint(path: PathLike, role: str = "") -> dict[str, Any]:
+    """The checkpoint dict at ``path``; missing, corrupt or foreign files raise CheckpointError."""
+    return open_checkpoint(path, role).payload
+
+
+def _held(source: Union[PathLike, CheckpointFile], role: str) -> tuple[dict[str, Any], PathLike]:
+    """(payload, path) of a path to read or of a checkpoint already read."""
+    if isinstance(source, CheckpointFile):
+        return source.payload, source.path
+    return read_checkpoint(source, role), source
+
+
+def load_backbone(source: Union[PathLike, CheckpointFile], role: str = "", **expected: Any) -> Backbone:
+    """Rebuild the backbone saved at ``source`` (a path, or a file ``open_checkpoint`` read) and
+    load its weights.
 
     ``expected`` (``arch``, ``in_channels``, ``num_classes`` or any architecture keyword such as
     ``width``) must match what the file holds, else CheckpointError.
     """
-    payload = read_checkpoint(path, role)
+    payload, path = _held(source, role)
     held = _identity(payload, skip_classifier=False)
     _check_same(held, {**held, **expected}, path, role)
     kwargs = {**payload["kwargs"], **{k: v for k, v in INIT_ONLY_KWARGS.items() if k in payload["kwargs"]}}
@@ -103,15 +139,16 @@ def load_backbone(path: PathLike, role: str = "", **expected: Any) -> Backbone:
 
 
 def load_weights_into(
-    model: Backbone, path: PathLike, role: str = "", skip_classifier: bool = False
+    model: Backbone, source: Union[PathLike, CheckpointFile], role: str = "", skip_classifier: bool = False
 ) -> Backbone:
-    """Load the weights at ``path`` into ``model`` (returned) after checking they were made for it.
+    """Load the weights at ``source`` (a path, or a file ``open_checkpoint`` read) into ``model``
+    (returned) after checking they were made for it.
 
     ``skip_classifier`` ignores ``fc`` on both sides, e.g. to finetune a distilled encoder with a
     new head. Example message: ``teacher checkpoint t.pt holds arch 'resnet32x4' (in_channels=1),
     expected 'resnet8' (in_channels=1)``.
     """
-    payload = read_checkpoint(path, role)
+    payload, path = _held(source, role)
     held = _identity(payload, skip_classifier)
     header = {"arch": model.arch, "in_channels": model.in_channels, "num_classes": model.num_classes,
               "kwargs": model.build_kwargs}

@@ -25,7 +25,7 @@ from xmodal.engine import Engine
 from xmodal.errors import ConfigError
 from xmodal.modalities import Modality, view_fn
 from xmodal.models import load_backbone, save_backbone
-from xmodal.models.checkpoint import read_checkpoint, taught_by
+from xmodal.models.checkpoint import CheckpointFile, open_checkpoint, taught_by
 from xmodal.schema import ModelConfig, TrainConfig
 from xmodal.tasks.evaluation import extract, top1
 from xmodal.tasks.supervised import build_backbone, supervised_stage
@@ -65,10 +65,15 @@ class Member:
     checkpoint: Optional[str]
 
     @functools.cached_property
+    def file(self) -> Optional[CheckpointFile]:
+        """The member's checkpoint, read once: the checks, the identity and the weights loaded all
+        come from these bytes, so a file put at the path meanwhile is neither loaded nor recorded."""
+        return open_checkpoint(self.checkpoint, f"teacher {self.position}") if self.checkpoint else None
+
+    @functools.cached_property
     def identity(self) -> dict[str, Any]:
-        """What a student taught by this member records: its spec, a checkpoint by its content.
-        Read once per member: the duplicate check at resolve time reads it for every file member."""
-        return taught_by(to_dict(self), f"teacher {self.position}")
+        """What a student taught by this member records: its spec, a checkpoint by its content."""
+        return taught_by(to_dict(self), self.file, f"teacher {self.position}")
 
     def describe(self) -> str:
         if self.checkpoint:
@@ -120,7 +125,7 @@ def check_checkpoints(members: Sequence[Member], modality: Modality, num_classes
     for m in members:
         if not m.checkpoint:
             continue
-        header = read_checkpoint(m.checkpoint, f"teacher {m.position}")
+        header = m.file.payload
         where = f"teachers.members[{m.position}].checkpoint {m.checkpoint}"
         if header["num_classes"] != num_classes:
             raise ConfigError(f"{where} classifies {header['num_classes']} classes but the data ({data}) has "
@@ -153,7 +158,7 @@ def build_pool(engine: Engine, members: Sequence[Member], modality: Modality, tr
     for m in members:
         view = view_fn(modality, m.view)
         if m.checkpoint:
-            teacher = load_backbone(m.checkpoint, f"teacher {m.position}", in_channels=modality.channels[m.view],
+            teacher = load_backbone(m.file, f"teacher {m.position}", in_channels=modality.channels[m.view],
                                     num_classes=num_classes)
         else:
             teacher = build_backbone(m.model, modality.channels[m.view], num_classes, m.seed)

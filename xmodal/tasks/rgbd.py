@@ -29,7 +29,7 @@ from xmodal.engine import Engine
 from xmodal.errors import ConfigError, DataError
 from xmodal.modalities import modality_from_config, view_fn
 from xmodal.models import load_weights_into
-from xmodal.models.checkpoint import taught_by
+from xmodal.models.checkpoint import CheckpointFile, open_checkpoint, taught_by
 from xmodal.schema import DataConfig, ModalityConfig, ModelConfig, RunConfig, SplitConfig, TrainConfig
 from xmodal.tasks.distill import distill_stages, needs_logits, resolve_method
 from xmodal.tasks.seg_pictures import save_legend, save_pictures
@@ -184,11 +184,11 @@ def _check_batches(cfg: RGBDConfig, n_distill: int, n_seg: int, world: int) -> N
 
 
 # -------------------------------------------------------------------- stages
-def _teacher(cfg: RGBDConfig, engine: Engine, in_channels: int) -> nn.Module:
+def _teacher(cfg: RGBDConfig, engine: Engine, in_channels: int, held: Optional[CheckpointFile]) -> nn.Module:
     model = cfg.teacher.model
     teacher = configured_model(model, in_channels, cfg.teacher.num_classes)
-    if cfg.teacher.checkpoint:
-        load_weights_into(teacher, cfg.teacher.checkpoint, role="teacher")
+    if held is not None:
+        load_weights_into(teacher, held, role="teacher")
     return teacher.to(engine.device).eval().requires_grad_(False)
 
 
@@ -203,9 +203,11 @@ def run_rgbd(cfg: RGBDConfig, engine: Engine) -> dict[str, Any]:
     _check_batches(cfg, len(distill_set), len(seg_train), engine.world)
     classes = list(seg_test.classes)
     loss_options = bank_options(cfg.distill.loss_options, len(distill_set))
-    teacher = _teacher(cfg, engine, modality.teacher_channels)
+    # Read once: the sha256 the students record is that of the weights loaded.
+    held = open_checkpoint(cfg.teacher.checkpoint, role="teacher") if cfg.teacher.checkpoint else None
+    teacher = _teacher(cfg, engine, modality.teacher_channels, held)
     record = to_dict(cfg)
-    record["teacher"] = taught_by(record["teacher"])
+    record["teacher"] = taught_by(record["teacher"], held)
     data_key = {k: v for k, v in record["data"].items() if k != "num_workers"}  # workers change no result
     # distill_stages adds the rest of a distillation's identity (terms, each term's options, warm
     # banks, a first stage's schedule): recording every method's options here as well made one

@@ -25,7 +25,7 @@ from xmodal.engine import Engine
 from xmodal.errors import ConfigError
 from xmodal.modalities import Modality, modality_from_config
 from xmodal.models import save_backbone
-from xmodal.models.checkpoint import load_weights_into, read_checkpoint, taught_by
+from xmodal.models.checkpoint import load_weights_into, open_checkpoint, taught_by
 from xmodal.schema import (ImageDataConfig, ModalityConfig, ModelConfig, OptimConfig, RunConfig, SplitConfig,
                            TrainConfig, check_same_classes)
 from xmodal.tasks.distill import distill_stages, needs_logits
@@ -155,8 +155,10 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     teacher_test = probe_test if teacher_part == d.probe_test else open_split(
         d, teacher_part, cfg.seed, augment=False, labeled=True, role="teacher")
     num_classes = _num_classes(probe_train, "probe_train", d.probe_train)
-    if cfg.teacher.checkpoint:  # its classifier decides; load_weights_into checks the rest
-        teacher_classes = int(read_checkpoint(cfg.teacher.checkpoint, role="teacher")["num_classes"])
+    # Read once: its classifier, the sha256 the students record and the weights loaded are one file's.
+    held = open_checkpoint(cfg.teacher.checkpoint, role="teacher") if cfg.teacher.checkpoint else None
+    if held is not None:  # its classifier decides; load_weights_into checks the rest
+        teacher_classes = int(held.payload["num_classes"])
     else:
         teacher_classes = _num_classes(teacher_train, "teacher", d.teacher)
     # A checkpoint of another dataset's label set (say 1,000 classes) still teaches, but its
@@ -169,7 +171,7 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     timings: dict[str, float] = {}
     record = to_dict(cfg)
     record["data"].pop("num_workers")  # workers change no result: not part of any stage's identity
-    record["teacher"] = taught_by(record["teacher"])
+    record["teacher"] = taught_by(record["teacher"], held)
     shared = {"student": record["student"], "teacher": record["teacher"], "data": record["data"],
               "modality": record["modality"], "seed": cfg.seed}
 
@@ -194,8 +196,8 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
 
     # 1. teacher
     teacher = build_backbone(cfg.teacher.model, modality.teacher_channels, teacher_classes, cfg.seed)
-    if cfg.teacher.checkpoint:
-        load_weights_into(teacher, cfg.teacher.checkpoint, role="teacher")
+    if held is not None:
+        load_weights_into(teacher, held, role="teacher")
         teacher.to(engine.device)
         teacher_result = {"top1": classify_top1(engine, teacher, teacher_test, views.teacher, desc="teacher test")
                           if scored else None}
