@@ -1,6 +1,7 @@
 """The command line: listing, a tiny end-to-end run, and one-line errors on bad input."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 
@@ -18,6 +19,12 @@ TINY = [
     "finetune.batch_size=32", "student.options={width: 4}", "teacher.model.options={width: 4}",
     "data.num_workers=0",
 ]
+
+
+def _write_teacher(path, seed: int) -> None:
+    """A tiny L teacher checkpoint at ``path``, its weights drawn from ``seed``."""
+    torch.manual_seed(seed)
+    save_backbone(path, build_model("resnet8", 1, 10, width=4))
 
 
 def _error(capsys) -> str:
@@ -151,10 +158,7 @@ def test_another_teacher_file_at_the_same_path_is_not_resumed_as_the_old_one(tmp
     # A distilled student is the teacher file's, not its path's: a file replaced at the same path
     # once brought the students of the old one back as if they had learnt from it.
     teacher = tmp_path / "teacher.pt"
-
-    def write_teacher(seed: int) -> None:
-        torch.manual_seed(seed)
-        save_backbone(teacher, build_model("resnet8", 1, 10, width=4))
+    write_teacher = functools.partial(_write_teacher, teacher)
 
     write_teacher(0)
     out = tmp_path / "run"
@@ -189,10 +193,7 @@ def test_a_teacher_file_replaced_during_the_run_is_neither_loaded_nor_recorded(t
     from xmodal.engine import Engine
 
     teacher = tmp_path / "teacher.pt"
-
-    def write_teacher(seed: int) -> None:
-        torch.manual_seed(seed)
-        save_backbone(teacher, build_model("resnet8", 1, 10, width=4))
+    write_teacher = functools.partial(_write_teacher, teacher)
 
     args = [*TINY, "distill.methods=[kd]", "protocols=[linear_probe]", f"teacher.checkpoint={teacher}"]
     write_teacher(0)
