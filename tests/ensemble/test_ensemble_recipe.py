@@ -151,13 +151,13 @@ def test_a_checkpoint_members_identity_is_its_file(tmp_path):
     # put at the path later (before, the identity hashed the path at resolve time and the pool
     # loaded it again when it built the teachers)
     read = member(path)
-    first = path.read_bytes()
+    before = path.read_bytes()
     recorded = read.identity["checkpoint_sha256"]
     _checkpoint(path, 10, seed=2)
-    assert path.read_bytes() != first
-    assert read.identity["checkpoint_sha256"] == recorded == hashlib.sha256(first).hexdigest()
+    assert path.read_bytes() != before
+    assert read.identity["checkpoint_sha256"] == recorded == hashlib.sha256(before).hexdigest()
     loaded = load_backbone(read.file, "teacher 0").state_dict()
-    original = torch.load(io.BytesIO(first), weights_only=True)["state_dict"]
+    original = torch.load(io.BytesIO(before), weights_only=True)["state_dict"]
     assert loaded.keys() == original.keys() and all(torch.equal(loaded[k], original[k]) for k in loaded)
 
 

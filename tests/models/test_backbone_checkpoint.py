@@ -1,12 +1,15 @@
 """Checkpoints: round trip, atomic write, and one clear line for each way they can mismatch."""
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 
 from xmodal import __version__
 from xmodal.errors import CheckpointError
 from xmodal.models import build_model, load_backbone, load_weights_into, save_backbone
+from xmodal.models.checkpoint import open_checkpoint, taught_by
 
 
 @pytest.fixture
@@ -126,10 +129,6 @@ def test_failed_save_leaves_previous_file_intact(saved, monkeypatch):
 def test_a_checkpoint_read_once_is_hashed_and_loaded_from_the_same_bytes(saved):
     # A teacher's sha256 (what its students record) and its weights come from one read: a file
     # put at the path afterwards changes neither. taught_by takes only a file so read.
-    import hashlib
-
-    from xmodal.models.checkpoint import open_checkpoint, taught_by
-
     model, path = saved
     first = path.read_bytes()
     held = open_checkpoint(path, "teacher")

@@ -53,8 +53,9 @@ def save_backbone(path: PathLike, model: Backbone) -> Path:
 
 
 def checkpoint_sha256(path: PathLike, role: str = "") -> str:
-    """sha256 of the file at ``path``. A stage taught by a checkpoint records it, so that another
-    file later put at the same path is not taken for the one it learnt from."""
+    """sha256 of the file at ``path``, read in blocks without loading it: the digest
+    ``open_checkpoint`` records, for a caller that only compares files (benchmarks checking which
+    teacher a run learnt from)."""
     if not Path(path).is_file():
         raise CheckpointError(f"{_name(path, role)} does not exist")
     digest = hashlib.sha256()
@@ -74,7 +75,6 @@ class CheckpointFile:
     """
 
     path: str
-    role: str
     payload: dict[str, Any]
     sha256: str
 
@@ -92,7 +92,7 @@ def open_checkpoint(path: PathLike, role: str = "") -> CheckpointFile:
     missing = [k for k in _KEYS if not isinstance(payload, dict) or k not in payload]
     if missing:
         raise CheckpointError(f"{name} is not an xmodal backbone checkpoint (missing {', '.join(missing)})")
-    return CheckpointFile(str(path), role, payload, hashlib.sha256(data).hexdigest())
+    return CheckpointFile(str(path), payload, hashlib.sha256(data).hexdigest())
 
 
 def taught_by(teacher: dict[str, Any], held: Optional[CheckpointFile], role: str = "teacher") -> dict[str, Any]:
@@ -115,7 +115,7 @@ def read_checkpoint(path: PathLike, role: str = "") -> dict[str, Any]:
     return open_checkpoint(path, role).payload
 
 
-def _held(source: Union[PathLike, CheckpointFile], role: str) -> tuple[dict[str, Any], PathLike]:
+def _payload_and_path(source: Union[PathLike, CheckpointFile], role: str) -> tuple[dict[str, Any], PathLike]:
     """(payload, path) of a path to read or of a checkpoint already read."""
     if isinstance(source, CheckpointFile):
         return source.payload, source.path
@@ -129,7 +129,7 @@ def load_backbone(source: Union[PathLike, CheckpointFile], role: str = "", **exp
     ``expected`` (``arch``, ``in_channels``, ``num_classes`` or any architecture keyword such as
     ``width``) must match what the file holds, else CheckpointError.
     """
-    payload, path = _held(source, role)
+    payload, path = _payload_and_path(source, role)
     held = _identity(payload, skip_classifier=False)
     _check_same(held, {**held, **expected}, path, role)
     kwargs = {**payload["kwargs"], **{k: v for k, v in INIT_ONLY_KWARGS.items() if k in payload["kwargs"]}}
@@ -148,7 +148,7 @@ def load_weights_into(
     new head. Example message: ``teacher checkpoint t.pt holds arch 'resnet32x4' (in_channels=1),
     expected 'resnet8' (in_channels=1)``.
     """
-    payload, path = _held(source, role)
+    payload, path = _payload_and_path(source, role)
     held = _identity(payload, skip_classifier)
     header = {"arch": model.arch, "in_channels": model.in_channels, "num_classes": model.num_classes,
               "kwargs": model.build_kwargs}
