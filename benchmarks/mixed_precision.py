@@ -246,7 +246,7 @@ def probe_worker(precision: str, runs: list[Path]) -> None:
         teacher_classes = int(read_checkpoint(cfg.teacher.checkpoint, role="teacher")["num_classes"])
         student = build_student(cfg, modality, method, teacher_classes)
         # The stage's final.pt holds the whole distillation module; the student is its "student." part.
-        state = torch.load(student_checkpoint(run, method), map_location="cpu", weights_only=False)
+        state = torch.load(student_checkpoint(run, method), map_location="cpu", weights_only=True)
         student.load_state_dict({k[len("student."):]: t for k, t in state.items() if k.startswith("student.")})
         top1 = linear_probe(engine, student, train, test, view_fn(modality, modality.student_view),
                             len(train.classes), cfg.linear_probe, seed=cfg.seed, name=f"reprobe {run.name}")["top1"]
@@ -262,7 +262,7 @@ def student_checkpoint(run: Path, method: str) -> Path:
 
 def compare_runs(a: Path, b: Path, method: str) -> None:
     """Print whether two runs' distillation ended with the same weights, and both probes."""
-    first, second = (torch.load(student_checkpoint(run, method), map_location="cpu", weights_only=False) for run in (a, b))
+    first, second = (torch.load(student_checkpoint(run, method), map_location="cpu", weights_only=True) for run in (a, b))
     if list(first) != list(second):
         raise SystemExit(f"{a} and {b}: their {method} distillations hold different tensors")
     gap = max(float((first[k].double() - second[k].double()).abs().max()) for k in first if first[k].numel())

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -42,6 +43,7 @@ from xmodal.schema import TrainConfig
 CHECKPOINT = "checkpoint.pt"
 FINAL = "final.pt"
 RESULT = "result.json"
+_CHECKPOINT_KEYS = {"config", "epoch", "module", "optimizer", "scheduler", "rng", "history"}
 
 
 class NonFiniteLossError(XmodalError, FloatingPointError):
@@ -68,6 +70,21 @@ def atomic_save(obj: Any, path: Path) -> None:
     A process killed at any point leaves either the old file or the new one, never a torn one.
     """
     _atomic_write(path, "wb", lambda handle: torch.save(obj, handle))
+
+
+def read_state_file(path: Path, remedy: str, map_location: Any = "cpu") -> Any:
+    """A file xmodal wrote with ``torch.save``, read with ``weights_only=True``: tensors and plain
+    data only, never code. A file that is empty, truncated, foreign, or asks the unpickler for
+    anything else (a crafted pickle) raises one CheckpointError naming it and ``remedy``."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err):  # weights_only refused a callable: the file asks to run code
+            raise CheckpointError(f"{path} holds objects other than tensors and plain data (refused: xmodal "
+                                  f"never unpickles code); {remedy}") from None
+        raise CheckpointError(f"{path} cannot be read (UnpicklingError); {remedy}") from None
+    except Exception as err:  # noqa: BLE001 - torch raises zip, EOF and runtime errors alike for bad files
+        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}); {remedy}") from None
 
 
 def atomic_write_text(text: str, path: Path) -> None:
@@ -462,10 +479,9 @@ class Engine:
         path = folder / CHECKPOINT
         if not path.exists():
             return {"epoch": 0, "history": []}
-        try:
-            ckpt = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear error
-            raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}); delete it to restart the stage") from None
+        ckpt = read_state_file(path, "delete it to restart the stage", self.device)
+        if not isinstance(ckpt, dict) or not _CHECKPOINT_KEYS <= set(ckpt):
+            raise CheckpointError(f"checkpoint {path} is not an xmodal stage checkpoint; delete it to restart the stage")
         if ckpt.get("config") != fingerprint(self.identity(stage)):
             what = f"checkpoint {path} was written by a run with another configuration of stage {stage.name!r}"
             raise CheckpointError(f"{_another_configuration(what, ckpt.get('identity'), self.identity(stage))}; "
@@ -474,9 +490,14 @@ class Engine:
             module.load_state_dict(ckpt["module"])
         except RuntimeError as err:
             raise CheckpointError(f"checkpoint {path} does not fit stage {stage.name!r}: {str(err).splitlines()[0]}") from None
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"][self.rank] if self.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            _set_rng_state(ckpt["rng"][self.rank] if self.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+            # an older xmodal's RNG states (numpy arrays), or a damaged file
+            raise CheckpointError(f"checkpoint {path} holds a state this xmodal cannot restore ({type(err).__name__}); "
+                                  "delete it to restart the stage") from None
         if self.is_main:
             print(f"[xmodal] {stage.name}: resuming after epoch {ckpt['epoch']} from {path}", flush=True)
         return {"epoch": int(ckpt["epoch"]), "history": list(ckpt["history"])}
@@ -496,7 +517,13 @@ class Engine:
                 what = f"{folder} holds stage {stage.name!r} of a run with another configuration"
                 raise CheckpointError(f"{_another_configuration(what, done.get('identity'), self.identity(stage))}; "
                                       "choose another output_dir (or delete that folder to redo the stage)")
-            stage.module.load_state_dict(torch.load(folder / FINAL, map_location="cpu", weights_only=False))
+            redo = f"delete {folder} to redo the stage, or choose another output_dir"
+            state = read_state_file(folder / FINAL, redo)
+            try:
+                stage.module.load_state_dict(state)
+            except (RuntimeError, TypeError, AttributeError) as err:
+                raise CheckpointError(f"{folder / FINAL} does not fit stage {stage.name!r} "
+                                      f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); {redo}") from None
             stage.module.to(self.device)
             return done
         self.start_outputs()
@@ -517,7 +544,16 @@ class Engine:
     def stage_result(self, name: str) -> Optional[dict[str, Any]]:
         """The saved result of a finished stage, or ``None``."""
         path = self.stage_dir(name) / RESULT
-        return json.loads(path.read_text()) if path.exists() else None
+        if not path.exists():
+            return None
+        redo = f"delete {path.parent} to redo the stage, or choose another output_dir"
+        try:
+            result = json.loads(path.read_bytes())
+        except (ValueError, OSError) as err:  # truncated, empty, binary or unreadable
+            raise CheckpointError(f"{path} is not a readable result file ({type(err).__name__}); {redo}") from None
+        if not isinstance(result, dict) or not isinstance(result.get("config"), str):
+            raise CheckpointError(f"{path} is not an xmodal stage result (no config fingerprint); {redo}")
+        return result
 
     def gather_rows(self, tensor: Tensor) -> Tensor:
         """Concatenate every rank's rows (sizes may differ), in rank order."""
@@ -527,7 +563,16 @@ class Engine:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain numbers, so a checkpoint loads with
+    ``weights_only=True`` (numpy's state is an array: stored as an int64 tensor)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, python_gauss = random.getstate()
+    state = {
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": python_gauss},
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -538,8 +583,10 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
     so the generators' states (byte tensors the generators only take on the CPU) come back to
     the CPU first; CUDA states are restored for the GPUs saved and present (a run resumed on a
     machine with fewer or no GPUs keeps the rest at their seeds)."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(int(v) for v in py["internal"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["keys"].cpu().numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["gauss"]))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):

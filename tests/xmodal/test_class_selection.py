@@ -118,7 +118,7 @@ def test_teacher_of_another_label_set_end_to_end(tmp_path, capsys):
     assert report["teacher"]["top1"] == pytest.approx(100.0 * float((predicted == truth).float().mean()), abs=1e-4)
     # The teacher classifies its two classes; KD's student copies those two logits; the probe
     # still reads all ten classes.
-    final = torch.load(out / "stages" / "teacher" / "final.pt", weights_only=False)
+    final = torch.load(out / "stages" / "teacher" / "final.pt", weights_only=True)
     heads = [v for k, v in final.items() if k.endswith("fc.weight") or k.endswith("classifier.weight")]
     assert heads and heads[0].shape[0] == 2
     assert [(r["method"], r["protocol"]) for r in report["results"]] == [("kd", "linear_probe")]

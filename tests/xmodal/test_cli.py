@@ -114,7 +114,7 @@ def test_batch_z_preset_fixes_the_normaliser_and_keeps_the_recipes_other_options
     assert main(["run", "lab-color-transfer", f"output_dir={out}", *args]) == 0
     rows = json.loads((out / "report.json").read_text())["results"]
     assert [r["method"] for r in rows] == ["crd_warm", "crd_batchz_warm"]
-    log_z = [torch.load(out / "stages" / f"distill-{m}" / "final.pt", weights_only=False)["criteria.crd.memory.log_z"]
+    log_z = [torch.load(out / "stages" / f"distill-{m}" / "final.pt", weights_only=True)["criteria.crd.memory.log_z"]
              for m in ("crd_warm", "crd_batchz_warm")]
     assert torch.isfinite(log_z[1]).all() and not torch.allclose(log_z[0], log_z[1])
 

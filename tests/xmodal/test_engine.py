@@ -74,7 +74,7 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
     engine = Engine(tmp_path / "b", seed=3, num_workers=0, log=False)
     with pytest.raises(KeyboardInterrupt):
         engine.run(_stage(on_epoch_start=crash))
-    assert torch.load(tmp_path / "b/stages/toy" / CHECKPOINT, weights_only=False)["epoch"] == 2
+    assert torch.load(tmp_path / "b/stages/toy" / CHECKPOINT, weights_only=True)["epoch"] == 2
     resumed = _stage()
     result = engine.run(resumed)
     for key, value in full.module.state_dict().items():
@@ -115,7 +115,7 @@ def test_non_finite_loss_stops_before_the_step(engine):
     with pytest.raises(NonFiniteLossError, match=r"loss term 'loss' is not finite at epoch 2, step 2"):
         engine.run(stage)
     assert all(torch.isfinite(p).all() for p in stage.module.parameters())
-    ckpt = torch.load(engine.stage_dir("toy") / CHECKPOINT, weights_only=False)
+    ckpt = torch.load(engine.stage_dir("toy") / CHECKPOINT, weights_only=True)
     assert ckpt["epoch"] == 1  # the last good checkpoint, untouched
 
 
@@ -131,7 +131,7 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
     with pytest.raises(OSError):
         atomic_save({"epoch": 2}, path)
     monkeypatch.undo()
-    assert torch.load(path)["epoch"] == 1
+    assert torch.load(path, weights_only=True)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
 
 
@@ -159,10 +159,6 @@ def test_cuda_generator_states_are_restored_from_the_cpu_for_the_gpus_present(mo
     # their state only as a CPU byte tensor ("RNG state must be a torch.ByteTensor", seen on an
     # H100 before this was mended). A checkpoint from a machine with two GPUs resumed on one
     # restores the first GPU's state only.
-    import random
-
-    import numpy as np
-
     from xmodal import engine as engine_module
 
     restored = []
@@ -170,12 +166,33 @@ def test_cuda_generator_states_are_restored_from_the_cpu_for_the_gpus_present(mo
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
     saved = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "cuda": [_OnDevice(s) for s in saved]}
+    state = {**engine_module._rng_state(), "cuda": [_OnDevice(s) for s in saved]}
     engine_module._set_rng_state(state)
     assert len(restored) == 1
     (got, device), = restored
     assert device == 0 and got.device.type == "cpu" and got.dtype == torch.uint8 and torch.equal(got, saved[0])
+
+
+def test_generator_states_survive_a_weights_only_file(tmp_path):
+    # A resume checkpoint holds every generator's state as tensors and plain numbers: it loads with
+    # weights_only=True, and the draws after restoring repeat the draws after saving.
+    import io
+    import random
+
+    import numpy as np
+
+    from xmodal import engine as engine_module
+
+    def draws():
+        return random.random(), random.gauss(0, 1), float(np.random.rand()), float(np.random.randn()), \
+            float(torch.rand(()))
+
+    random.gauss(0, 1), np.random.randn()  # leave a cached Gaussian in both
+    buffer = io.BytesIO()
+    torch.save(engine_module._rng_state(), buffer)
+    first = draws()
+    engine_module._set_rng_state(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    assert draws() == first
 
 
 def test_a_later_engine_in_one_process_gets_its_own_precision(tmp_path):

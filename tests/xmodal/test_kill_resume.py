@@ -78,11 +78,11 @@ def test_killed_runs_resume_to_the_same_report(tmp_path):
     #    teacher.pt; distill-crd epoch 2).
     assert _run(killed, tmp_path / "patch", "save", 6) == -signal.SIGKILL
     ckpt = killed / "stages" / "distill-crd" / "checkpoint.pt"
-    assert torch.load(ckpt, weights_only=False)["epoch"] == 1  # the last good one is intact
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 1  # the last good one is intact
 
     # 2. Resumed, then killed during a step of distill-crd's third epoch (3 steps per epoch).
     assert _run(killed, tmp_path / "patch", "step", 5) == -signal.SIGKILL
-    assert torch.load(ckpt, weights_only=False)["epoch"] == 2
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 2
 
     # 3. Resumed to the end: the report is the uninterrupted run's, number for number.
     assert _run(killed) == 0
@@ -92,6 +92,6 @@ def test_killed_runs_resume_to_the_same_report(tmp_path):
     assert got["teacher"] == expected["teacher"]
     assert expected["threads"] == got["threads"] == 1  # the report records OMP_NUM_THREADS=1's one thread
     for stage in ("teacher", "distill-crd", "finetune-crd"):
-        a = torch.load(reference / "stages" / stage / "final.pt", weights_only=False)
-        b = torch.load(killed / "stages" / stage / "final.pt", weights_only=False)
+        a = torch.load(reference / "stages" / stage / "final.pt", weights_only=True)
+        b = torch.load(killed / "stages" / stage / "final.pt", weights_only=True)
         assert all(torch.equal(a[k], b[k]) for k in a), stage

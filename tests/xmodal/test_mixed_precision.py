@@ -36,7 +36,7 @@ def test_distillation_stays_finite(tmp_path, precision, convs):
         history = json.loads((out / "stages" / f"distill-{method}" / "result.json").read_text())["history"]
         assert len(history) == 2
         assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history), (method, history)
-        final = torch.load(out / "stages" / f"distill-{method}" / "final.pt", weights_only=False)
+        final = torch.load(out / "stages" / f"distill-{method}" / "final.pt", weights_only=True)
         assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
 
 

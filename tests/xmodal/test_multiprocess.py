@@ -114,8 +114,8 @@ def test_two_processes_match_one_process(tmp_path):
     _assert_steps_agree(two, one, len(one))
     compared = set()
     for stage in ("teacher", "distill-crd", "distill-kd"):
-        final_two = torch.load(tmp_path / "two/run/stages" / stage / "final.pt", weights_only=False)
-        final_one = torch.load(tmp_path / "one/run/stages" / stage / "final.pt", weights_only=False)
+        final_two = torch.load(tmp_path / "two/run/stages" / stage / "final.pt", weights_only=True)
+        final_one = torch.load(tmp_path / "one/run/stages" / stage / "final.pt", weights_only=True)
         assert final_two.keys() == final_one.keys()
         compared |= set(final_one)
         for key, value in final_one.items():

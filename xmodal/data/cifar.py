@@ -27,11 +27,31 @@ _LABEL_KEYS = {10: "labels", 100: "fine_labels"}
 _NAME_KEYS = {10: "label_names", 100: "fine_label_names"}
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler that builds dicts, lists, strings, numbers and numpy arrays and nothing else.
+
+    The official batches are pickles, a format that can name any callable; a file put in place of
+    one (a shared or downloaded dataset folder) must not run code. Only numpy's array
+    reconstruction is resolved; any other global is refused.
+    """
+
+    ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a CIFAR batch never holds")
+        return super().find_class(module, name)
+
+
 def read_pickle(path: Path) -> dict[str, Any]:
     """One official batch file; DataError naming it when it is not a CIFAR pickle."""
     try:
         with existing_file(path, "CIFAR batch file").open("rb") as handle:
-            entry = pickle.load(handle, encoding="latin1")
+            entry = _ArraysOnly(handle, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
         raise DataError(f"{path} is not a readable CIFAR pickle ({error})") from error
     if not isinstance(entry, dict):
