@@ -12,6 +12,7 @@ and exits with status 2; nothing already written is touched.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -22,7 +23,7 @@ import yaml
 
 from xmodal import __version__
 from xmodal.config import available_recipes, resolve, to_dict
-from xmodal.errors import XmodalError
+from xmodal.errors import ConfigError, XmodalError
 
 EXIT_USER_ERROR = 2
 
@@ -63,15 +64,57 @@ def _workers(dataset: str, requested: Optional[int]) -> int:
 
 
 def run_recipe(recipe: str, overrides: list[str]) -> dict[str, Path]:
-    """Resolve, run and report one recipe; returns the report's paths."""
+    """Resolve, run and report one recipe; returns the report's paths.
+
+    With ``seeds=[...]`` the recipe runs once per seed, each a complete resumable run in
+    ``<output_dir>/seed-<s>/`` with its own report, and ``<output_dir>/report.*`` gives the mean
+    and standard deviation of every row over the seeds.
+    """
+    from xmodal.report import combine_seeds, plot
+
+    tasks = _tasks()
+    cfg = resolve(recipe, overrides, {name: schema for name, (schema, _) in tasks.items()})
+    output_dir = Path(cfg.output_dir or Path("runs") / cfg.recipe)
+    command = "xmodal run " + " ".join(shlex.quote(a) for a in [recipe, *overrides])
+    if cfg.seeds is None:
+        return _run_one(cfg, output_dir, command, tasks)[1]
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ConfigError(f"seeds={cfg.seeds}: expected a non-empty list of distinct seeds")
+    if output_dir.is_file():
+        raise ConfigError(f"output_dir={output_dir} is a file; choose a folder")
+    reports = []
+    for seed in cfg.seeds:
+        print(f"[xmodal] seed {seed} ({len(reports) + 1} of {len(cfg.seeds)}) -> {output_dir / f'seed-{seed}'}",
+              flush=True)
+        one = dataclasses.replace(cfg, seed=seed, seeds=None, output_dir=str(output_dir / f"seed-{seed}"))
+        report, _ = _run_one(one, output_dir / f"seed-{seed}", command, tasks, show=False)
+        reports.append(report)
+    combined = combine_seeds(reports, cfg.seeds)
+    combined["config"] = to_dict(cfg)
+    paths: dict[str, Path] = {}
+    if reports[0].get("processes", 1) == 1 or _is_main():
+        from xmodal.report import markdown, write_report
+
+        paths = write_report(combined, output_dir, plotter=plot)
+        print(markdown(combined))
+        print(f"[xmodal] report: {paths['md']}  {paths['png']}  {paths['json']}")
+    return paths
+
+
+def _is_main() -> bool:
+    from accelerate.state import PartialState
+
+    return PartialState().is_main_process
+
+
+def _run_one(cfg: Any, output_dir: Path, command: str, tasks: dict,
+             show: bool = True) -> tuple[dict[str, Any], dict[str, Path]]:
+    """One run of a resolved recipe into ``output_dir``: its report and the report's paths."""
     import torch
 
     from xmodal.engine import Engine
     from xmodal.report import plot, write_report
 
-    tasks = _tasks()
-    cfg = resolve(recipe, overrides, {name: schema for name, (schema, _) in tasks.items()})
-    output_dir = Path(cfg.output_dir or Path("runs") / cfg.recipe)
     resolved = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     engine = Engine(output_dir, seed=cfg.seed, mixed_precision=cfg.mixed_precision, cpu=cfg.cpu,
                     cpu_bf16_convs=cfg.cpu_bf16_convs,
@@ -80,7 +123,8 @@ def run_recipe(recipe: str, overrides: list[str]) -> dict[str, Path]:
     report.update(
         recipe=cfg.recipe,
         description=cfg.description,
-        command="xmodal run " + " ".join(shlex.quote(a) for a in [recipe, *overrides]),
+        command=command,
+        seed=cfg.seed,
         config=to_dict(cfg),
         processes=engine.world,
         device=str(engine.device),
@@ -96,10 +140,11 @@ def run_recipe(recipe: str, overrides: list[str]) -> dict[str, Path]:
 
         # A runner may draw its own figure (the ensemble task: error against the number of teachers).
         paths = write_report(report, output_dir, plotter=getattr(tasks[cfg.task][1], "plotter", plot))
-        print(markdown(report))
-        print(f"[xmodal] report: {paths['md']}  {paths['png']}  {paths['json']}")
+        if show:
+            print(markdown(report))
+            print(f"[xmodal] report: {paths['md']}  {paths['png']}  {paths['json']}")
     engine.accelerator.end_training()
-    return paths
+    return report, paths
 
 
 def main(argv: Optional[list[str]] = None) -> int:

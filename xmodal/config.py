@@ -103,7 +103,12 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    """Set ``data["a"]["b"] = value`` for ``key = "a.b"``, creating mappings on the way."""
+    """Set ``data["a"]["b"] = value`` for ``key = "a.b"``, creating mappings on the way.
+
+    A name given to a section that has one (``data=imagefolder``) switches its ``name`` and keeps
+    the section's other keys (splits, subsets, quick=true's sizes); only ``options``, which belong
+    to the dataset or modality named before, are dropped when the name changes.
+    """
     parts = key.split(".")
     node = data
     for part in parts[:-1]:
@@ -114,6 +119,11 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
             child = {}
         node[part] = child
         node = child
+    current = node.get(parts[-1])
+    if isinstance(value, str) and isinstance(current, dict) and "name" in current:
+        switched = {k: v for k, v in current.items() if k != "options" or current["name"] == value}
+        node[parts[-1]] = {**switched, "name": value}
+        return
     node[parts[-1]] = value
 
 

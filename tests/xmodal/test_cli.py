@@ -98,25 +98,45 @@ def test_infonce_method_trains_and_checkpoints(tmp_path):
     assert [(r["method"], r["protocol"]) for r in rows] == [("infonce", "linear_probe")]
 
 
-def test_batch_z_preset_fixes_the_normaliser_and_keeps_the_recipes_other_options(tmp_path):
+def test_crd_fixes_a_per_batch_normaliser_and_keeps_the_recipes_other_options(tmp_path):
     from xmodal.tasks.distill import method_loss_options, resolve_method
 
     recipe = {"crd": {"nce_k": 32, "nce_t": 0.1, "normaliser": "once"}, "kd": {"T": 2.0}}
-    merged = method_loss_options(resolve_method("crd_batchz_warm", {}), recipe)
+    merged = method_loss_options(resolve_method("crd", {}), recipe)
     assert merged == {"crd": {"nce_k": 32, "nce_t": 0.1, "normaliser": "ema", "z_momentum": 0.0}, "kd": {"T": 2.0}}
-    assert method_loss_options(resolve_method("crd_warm", {}), recipe) == recipe
+    assert method_loss_options(resolve_method("crd_paper", {}), recipe) == recipe
     assert recipe["crd"]["normaliser"] == "once"  # the recipe's own mapping is not modified
     # Both in one run. Every method's student starts from the same seed and sees the same
-    # batches, so with Z set once both critics would end holding the first batch's Z; the preset's
+    # batches, so with Z set once both critics would end holding the first batch's Z; crd's
     # critic must end with another (its last batch's).
     out = tmp_path / "run"
-    args = [*TINY, "distill.methods=[crd_warm,crd_batchz_warm]", "protocols=[linear_probe]"]
+    args = [*TINY, "distill.methods=[crd_paper,crd]", "protocols=[linear_probe]"]
     assert main(["run", "lab-color-transfer", f"output_dir={out}", *args]) == 0
     rows = json.loads((out / "report.json").read_text())["results"]
-    assert [r["method"] for r in rows] == ["crd_warm", "crd_batchz_warm"]
+    assert [r["method"] for r in rows] == ["crd_paper", "crd"]
     log_z = [torch.load(out / "stages" / f"distill-{m}" / "final.pt", weights_only=True)["criteria.crd.memory.log_z"]
-             for m in ("crd_warm", "crd_batchz_warm")]
+             for m in ("crd_paper", "crd")]
     assert torch.isfinite(log_z[1]).all() and not torch.allclose(log_z[0], log_z[1])
+
+
+def test_method_names_crd_is_the_recommended_variant_and_paper_the_reference(capsys):
+    # crd / crd_kd / infonce: warm banks (and, for NCE, Z from each batch); *_paper: the loss's own
+    # defaults (cold banks, Z once), which the parity tests hold to the reference.
+    from losses import CRDLoss
+    from xmodal.tasks.distill import resolve_method
+
+    crd, paper = resolve_method("crd", {}), resolve_method("crd_paper", {})
+    assert crd.warm_start and crd.options == {"crd": {"normaliser": "ema", "z_momentum": 0.0}}
+    assert not paper.warm_start and paper.options == {} and paper.terms == crd.terms == {"crd": 0.8}
+    assert CRDLoss(8, 8, 16, nce_k=4).normaliser == "once"  # what crd_paper leaves in place
+    kd, kd_paper = resolve_method("crd_kd", {}), resolve_method("crd_kd_paper", {})
+    assert kd.terms == kd_paper.terms == {"crd": 0.8, "kd": 1.0} and kd.warm_start and not kd_paper.warm_start
+    assert resolve_method("infonce", {}).warm_start and not resolve_method("infonce_paper", {}).warm_start
+    capsys.readouterr()
+    # the former names keep their meaning, with a note naming the new one (once per process)
+    old = resolve_method("crd_warm", {})
+    assert old.warm_start and old.options == {} and "'crd_warm' is deprecated; use crd" in capsys.readouterr().err
+    assert resolve_method("crd_batchz_warm", {}) == crd
 
 
 def test_changed_loss_option_is_not_resumed_as_the_old_stage(tmp_path, capsys):
@@ -215,3 +235,57 @@ def test_a_teacher_file_replaced_during_the_run_is_neither_loaded_nor_recorded(t
     a, b = (torch.load(tmp_path.joinpath(d, *student), weights_only=True) for d in ("plain", "swapped"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # taught by the first file's weights
     assert swapped["results"] == plain["results"]
+
+
+@pytest.mark.slow
+def test_seeds_run_each_seed_and_report_mean_and_sd(tmp_path, capsys):
+    import statistics
+
+    out = tmp_path / "run"
+    args = ["run", "lab-color-transfer", f"output_dir={out}", *TINY, "distill.methods=[random,crd]",
+            "protocols=[linear_probe]", "seeds=[3,4]"]
+    assert main(args) == 0
+    combined = json.loads((out / "report.json").read_text())
+    per_seed = {s: json.loads((out / f"seed-{s}" / "report.json").read_text()) for s in (3, 4)}
+    assert [per_seed[s]["seed"] for s in (3, 4)] == [3, 4] and combined["seeds"] == [3, 4]
+    for row in combined["results"]:
+        values = [next(r["value"] for r in per_seed[s]["results"] if r["method"] == row["method"]) for s in (3, 4)]
+        assert row["n"] == 2 and row["value"] == pytest.approx(statistics.fmean(values))
+        assert row["sd"] == pytest.approx(statistics.stdev(values))
+    assert {r["method"] for r in combined["results"]} == {"random", "crd"}
+    # the two seeds really differ (teacher, students and probes all draw from the seed)
+    assert per_seed[3]["teacher"]["top1"] != per_seed[4]["teacher"]["top1"] or any(r["sd"] > 0 for r in combined["results"])
+    assert " ± " in (out / "report.md").read_text() and (out / "report.png").stat().st_size > 0
+    # again: every seed's stages are finished, so the same table comes back
+    assert main(args) == 0
+    assert json.loads((out / "report.json").read_text())["results"] == combined["results"]
+    capsys.readouterr()
+    for bad in ("seeds=[]", "seeds=[1,1]"):
+        assert main(["run", "lab-color-transfer", f"output_dir={tmp_path / 'bad'}", bad]) == 2
+        assert "distinct seeds" in _error(capsys)
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_unlabeled_set_sizes_run_every_method_at_every_size(tmp_path, capsys):
+    # The CRD paper's Figure 3 axis: data.distill.subset as a list distils each method on a subset
+    # of each size (its memory bank has that many rows); random reads no unlabeled image and runs once.
+    out = tmp_path / "run"
+    args = [*TINY, "distill.methods=[random,crd]", "data.distill.subset=[96,48]", "finetune.epochs=1"]
+    assert main(["run", "lab-color-transfer", f"output_dir={out}", *args]) == 0
+    report = json.loads((out / "report.json").read_text())
+    keys = {(r["method"], r["protocol"], r.get("n_unlabeled")) for r in report["results"]}
+    assert keys == {(m, p, n) for p in ("linear_probe", "finetune")
+                    for m, n in (("random", None), ("crd", 48), ("crd", 96))}
+    for size in (48, 96):
+        final = torch.load(out / "stages" / f"distill-crd-n{size}" / "final.pt", weights_only=True)
+        assert final["criteria.crd.memory.student_bank"].shape[0] == size
+        assert (out / "stages" / f"finetune-crd-n{size}" / "final.pt").exists()
+    assert not (out / "stages" / "distill-crd").exists() and (out / "report.png").stat().st_size > 0
+    capsys.readouterr()
+    for sizes, message in (("[48,5000]", "data.distill.subset lists 5000, but split 'unlabeled' holds 96 images"),
+                           ("[48,48]", "expected distinct positive sizes"), ("[0]", "expected distinct positive sizes")):
+        bad = tmp_path / "bad"
+        assert main(["run", "lab-color-transfer", f"output_dir={bad}", *args, f"data.distill.subset={sizes}"]) == 2
+        assert message in _error(capsys)
+        assert not bad.exists()

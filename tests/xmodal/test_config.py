@@ -32,6 +32,24 @@ def test_section_shorthand_sets_the_name():
     assert cfg.data.name == "stl10" and cfg.data.root == "/somewhere"
 
 
+def test_switching_the_dataset_keeps_the_recipes_splits_and_quick_sizes():
+    # data=NAME switches the dataset only: the recipe's subsets and quick=true's sizes stay (a quick
+    # run on a 50,000-image folder must not silently train on all of it); the options of the
+    # dataset named before (the built-in set's num_samples) go.
+    from xmodal.tasks.ensemble import EnsembleConfig
+
+    schemas = {**SCHEMAS, "ensemble": EnsembleConfig}
+    recipe = resolve("ensemble-cifar", [], schemas)
+    quick = resolve("ensemble-cifar", ["quick=true", "data=imagefolder", "data.root=/x"], schemas)
+    assert quick.data.name == "imagefolder" and quick.data.root == "/x"
+    assert quick.data.train.subset == 1000 and quick.data.test.subset == 1000
+    assert quick.data.train.split == recipe.data.train.split
+    lab = resolve("lab-color-transfer", ["quick=true", "data=imagefolder", "data.root=/x"], SCHEMAS)
+    assert lab.data.options == {} and lab.data.distill.subset == 4000 and lab.data.teacher.subset == 4000
+    same = resolve("lab-color-transfer", ["quick=true", "data=synthetic"], SCHEMAS)
+    assert same.data.options == {"num_samples": 600}
+
+
 def test_quick_block_applies_only_when_asked():
     full = resolve("lab-color-transfer", [], SCHEMAS)
     quick = resolve("lab-color-transfer", ["quick=true"], SCHEMAS)

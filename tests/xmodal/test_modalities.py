@@ -31,6 +31,21 @@ def _denormalise(view: torch.Tensor, channels: slice) -> np.ndarray:
     return (view * std + mean).permute(0, 2, 3, 1).numpy()
 
 
+def test_grey_luminance_view_is_L_over_50_minus_1():
+    # L_grey is the textbook L in [0, 100] put on [-1, 1]; black and white are its ends, and a grey
+    # pixel's L_grey moves with its sRGB value (monotone).
+    g = torch.Generator().manual_seed(1)
+    image = torch.randint(0, 256, (2, 3, 6, 6), dtype=torch.uint8, generator=g)
+    image[0, :, 0, 0], image[0, :, 0, 1] = 0, 255
+    grey = build_modality("lab", teacher_view="L_grey").views({"image": image}, ["L_grey"])["L_grey"]
+    textbook = srgb_to_lab(image.permute(0, 2, 3, 1).numpy() / 255.0)[..., 0]
+    np.testing.assert_allclose(grey[:, 0].numpy(), textbook / 50.0 - 1.0, atol=2e-4)
+    assert grey[0, 0, 0, 0] == pytest.approx(-1.0, abs=1e-5) and grey[0, 0, 0, 1] == pytest.approx(1.0, abs=2e-4)
+    levels = torch.arange(0, 256, 15, dtype=torch.uint8).view(1, 1, 1, -1).expand(1, 3, 1, -1).contiguous()
+    ramp = build_modality("lab").views({"image": levels}, ["L_grey"])["L_grey"].flatten()
+    assert bool((ramp[1:] > ramp[:-1]).all())
+
+
 def test_lab_views_match_textbook_conversion():
     g = torch.Generator().manual_seed(0)
     image = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8, generator=g)

@@ -75,7 +75,9 @@ def normalised_lab(image: Tensor) -> Tensor:
 
 
 class LabModality(Modality):
-    """Views ``L`` (1 channel), ``ab`` (2 channels) and ``rgb`` (3, ImageNet-normalised).
+    """Views ``L`` (1 channel), ``ab`` (2 channels), ``rgb`` (3, ImageNet-normalised) and ``L_grey``
+    (1 channel: ``L / 50 - 1`` in [-1, 1], luminance as the grey image a TF-Lite ImageNet network
+    reads, whose inputs are ``(v * 255 - 127) / 128``, with ``L / 100`` for the grey value ``v``).
 
     The conversion (:func:`normalised_lab`) runs on the whole batch on the device and gives
     kornia's ``rgb_to_lab`` (L in [0, 100], a and b in about [-128, 127]) standardised by
@@ -83,16 +85,18 @@ class LabModality(Modality):
     """
 
     name = "lab"
-    channels = {"L": 1, "ab": 2, "rgb": 3}
+    channels = {"L": 1, "ab": 2, "rgb": 3, "L_grey": 1}
 
     def __init__(self, teacher_view: str = "L", student_view: str = "ab") -> None:
         super().__init__(teacher_view, student_view)
 
     def compute(self, batch: Mapping[str, Tensor], names: set[str]) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
-        if names & {"L", "ab"}:
+        if names & {"L", "ab", "L_grey"}:
             lab = normalised_lab(batch["image"])
             out["L"], out["ab"] = lab[:, :1], lab[:, 1:]
+            # standardised L back to [0, 100], then to [-1, 1]
+            out["L_grey"] = out["L"] * (LAB_STD[0] / 50.0) + (LAB_MEAN[0] / 50.0 - 1.0)
         if "rgb" in names:
             out["rgb"] = normalize_rgb(image_as_float(batch))
         return {name: out[name] for name in names}

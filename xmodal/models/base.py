@@ -36,6 +36,7 @@ class Backbone(nn.Module, ABC):
         self.num_features = num_features
         self.build_kwargs: dict[str, Any] = {}
         self.fc: Optional[nn.Linear] = None
+        self.pretrained_head = False  # whether ``fc`` holds pretrained weights (adopt_classifier)
         self.reset_classifier(num_classes)
 
     @abstractmethod
@@ -64,6 +65,7 @@ class Backbone(nn.Module, ABC):
         like = next((p for name, p in self.named_parameters() if not name.startswith("fc.")), None)
         placement = {} if like is None else {"device": like.device, "dtype": like.dtype}
         self.num_classes = num_classes
+        self.pretrained_head = False
         self.fc = nn.Linear(self.num_features, num_classes, **placement) if num_classes else None
 
     def forward(self, x: Tensor, preact: bool = False) -> Features:
@@ -209,6 +211,7 @@ def adopt_classifier(model: Backbone, pretrained_head: nn.Linear) -> None:
     """Keep a pretrained head when ``model.num_classes`` equals its output count."""
     if model.num_classes == pretrained_head.out_features:
         model.fc = pretrained_head
+        model.pretrained_head = True
 
 
 def download_failed(arch: str, weights: str, err: Exception) -> ConfigError:

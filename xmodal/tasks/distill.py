@@ -1,7 +1,8 @@
 """Distillation: a student learns from a frozen teacher through weighted loss terms.
 
-A *method* is a set of registered losses with weights: ``crd`` = {crd: 0.8}, ``crd_kd`` =
-{crd: 0.8, kd: 1.0} (the paper's CRD+KD), ``random`` = {} (no training: the student at its
+A *method* is a set of registered losses with weights and options: ``crd`` = {crd: 0.8} with
+warm banks and a per-batch Z, ``crd_paper`` the same term as the paper ran it, ``crd_kd`` =
+{crd: 0.8, kd: 1.0} (CRD+KD), ``random`` = {} (no training: the student at its
 initialisation, the reference point of every table). Any registered loss name is a method of
 one term at its ``default_weight``. With labels, ``ce_weight`` adds cross-entropy (the paper's
 gamma); unlabeled cross-modal runs have none.
@@ -10,6 +11,7 @@ Losses with a first stage (AB, FT, FSP) get it here, as its own stage, before di
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
@@ -35,20 +37,32 @@ class Method:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-#: Methods that are not a single registered loss. ``*_warm`` start the memory banks from one
-#: inference pass instead of random rows (DESIGN.md: it removes CRD's cold first epoch).
+#: Per-batch NCE normaliser: Z estimated from each batch instead of once from the first.
+_BATCH_Z = {"normaliser": "ema", "z_momentum": 0.0}
+
+#: Methods that are not a single registered loss, or that set a loss's options. ``crd`` is the
+#: CRD this toolkit recommends: memory banks filled by one inference pass before training (instead
+#: of random rows) and NCE's normaliser Z from each batch (instead of fixed by the first one, which
+#: can pin the critic's scores); docs/notes/crd-variants.md measures both. ``*_paper`` are the
+#: paper's settings, the reference bit for bit (cold banks, Z once): ``losses.CRDLoss``'s defaults.
 PRESETS: dict[str, Method] = {
     "random": Method({}),
-    "crd_kd": Method({"crd": 0.8, "kd": 1.0}),
-    "crd_warm": Method({"crd": 0.8}, warm_start=True),
-    "crd_kd_warm": Method({"crd": 0.8, "kd": 1.0}, warm_start=True),
-    # NCE with Z from each batch instead of once from the first (README: a first batch that sets
-    # Z high pins the critic's scores, and on some seeds and widths the student then learns less
-    # than random init; in the eight comparisons so far the per-batch Z probed higher seven times, equal once).
-    "crd_batchz_warm": Method({"crd": 0.8}, warm_start=True, options={"crd": {"normaliser": "ema", "z_momentum": 0.0}}),
-    # The same critic, banks and draws with InfoNCE (softmax over 1 + K) in place of NCE.
-    "infonce_warm": Method({"infonce": 0.8}, warm_start=True),
+    "crd": Method({"crd": 0.8}, warm_start=True, options={"crd": _BATCH_Z}),
+    "crd_paper": Method({"crd": 0.8}),
+    "crd_kd": Method({"crd": 0.8, "kd": 1.0}, warm_start=True, options={"crd": _BATCH_Z}),
+    "crd_kd_paper": Method({"crd": 0.8, "kd": 1.0}),
+    # The same critic, banks and draws with InfoNCE (softmax over 1 + K) in place of NCE; it has no Z.
+    "infonce": Method({"infonce": 0.8}, warm_start=True),
+    "infonce_paper": Method({"infonce": 0.8}),
 }
+#: Former names, still accepted with a note: what each meant, and the name to use now.
+DEPRECATED: dict[str, tuple[Method, str]] = {
+    "crd_warm": (Method({"crd": 0.8}, warm_start=True), "crd (warm banks, Z from each batch)"),
+    "crd_kd_warm": (Method({"crd": 0.8, "kd": 1.0}, warm_start=True), "crd_kd (warm banks, Z from each batch)"),
+    "crd_batchz_warm": (PRESETS["crd"], "crd, which it now is"),
+    "infonce_warm": (PRESETS["infonce"], "infonce, which it now is"),
+}
+_NOTED: set[str] = set()
 #: Losses that read the networks' logits: the student then needs the teacher's classifier shape.
 LOGIT_LOSSES = {"kd"}
 
@@ -63,6 +77,12 @@ def resolve_method(method: str, weights: Mapping[str, float], warm_start: bool =
     """
     if method in PRESETS:
         preset = PRESETS[method]
+    elif method in DEPRECATED:
+        preset, now = DEPRECATED[method]
+        if method not in _NOTED:
+            _NOTED.add(method)
+            print(f"[xmodal] note: distillation method {method!r} is deprecated; use {now}", file=sys.stderr,
+                  flush=True)
     elif method in losses.available():
         preset = Method({method: losses.get(method).default_weight})
     else:
@@ -82,7 +102,8 @@ def method_loss_options(spec: Method, loss_options: Mapping[str, Mapping[str, An
 
 def needs_logits(method: str) -> bool:
     """Whether the student must carry a classifier for ``method`` (KD reads logits)."""
-    terms = PRESETS[method].terms if method in PRESETS else {method: 0.0}
+    named = {**{name: spec for name, (spec, _) in DEPRECATED.items()}, **PRESETS}
+    terms = named[method].terms if method in named else {method: 0.0}
     return bool(LOGIT_LOSSES & set(terms))
 
 
@@ -154,12 +175,14 @@ def distill_stages(
     warm_start: bool = False,
     record: Mapping[str, Any] = (),
     sample: Optional[Mapping[str, Tensor]] = None,
+    tag: str = "",
 ) -> list[Stage]:
     """The stages that distill ``teacher`` into ``student`` with ``method`` (first stage first).
 
     ``record`` is the part of the recipe that defines these stages (their checkpoint key).
     ``sample``: a batch of ``dataset`` on the device (:meth:`Engine.first_batch`), from which the losses
-    read the feature shapes; fetched here when not given.
+    read the feature shapes; fetched here when not given. ``tag`` ends the stages' names (one
+    method distilled on unlabeled sets of several sizes: ``distill-crd-n2500``).
     """
     spec = resolve_method(method, weights, warm_start)
     terms = spec.terms
@@ -192,12 +215,12 @@ def distill_stages(
     stages = []
     for name, criterion in criteria.items():
         if criterion.needs_init_stage:
-            stages.append(_init_stage(engine, method, name, criterion, module, teacher_features, student_view,
-                                      dataset, init_cfg or cfg, record))
+            stages.append(_init_stage(engine, f"{method}{tag}", name, criterion, module, teacher_features,
+                                      student_view, dataset, init_cfg or cfg, record))
             if not criterion.distill_after_init:
                 module.weights[name] = 0.0
     stages.append(Stage.on_schedule(
-        cfg, name=f"distill-{method}", module=module, step=step, dataset=dataset, config=record,
+        cfg, name=f"distill-{method}{tag}", module=module, step=step, dataset=dataset, config=record,
         frozen={"teacher": teacher}, on_epoch_start=on_epoch_start,
     ))
     return stages

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -38,22 +38,40 @@ PROTOCOLS = ("linear_probe", "finetune")
 
 
 @dataclass
+class UnlabeledSplit(SplitConfig):
+    """The distillation split. ``subset`` may list sizes (``[2500, 10000, 50000]``): every method
+    then distils on a class-balanced subset of each size (the CRD paper's Figure 3 axis), its rows
+    marked ``n_unlabeled``; ``random`` and the teacher's probe, which read no unlabeled image, run once."""
+
+    subset: Union[int, list[int], None] = None
+
+
+@dataclass
 class DataSection(ImageDataConfig):
     """The dataset and which split (and subset size) each stage reads."""
 
     teacher: SplitConfig = field(default_factory=lambda: SplitConfig("train"))
-    distill: SplitConfig = field(default_factory=lambda: SplitConfig("unlabeled"))
+    distill: UnlabeledSplit = field(default_factory=lambda: UnlabeledSplit("unlabeled"))
     probe_train: SplitConfig = field(default_factory=lambda: SplitConfig("train"))
     probe_test: SplitConfig = field(default_factory=lambda: SplitConfig("test"))
 
 
 @dataclass
 class TeacherSection:
-    """The teacher network: trained here on its view, or loaded from ``checkpoint``."""
+    """The teacher network: trained here on its view, loaded from ``checkpoint``, or used as built
+    (``train.epochs: 0`` with pretrained weights, e.g. an ImageNet network).
+
+    ``num_classes``: the classifier of a teacher used as built (1000 keeps an ImageNet head, whose
+    soft labels KD distils); ``None`` takes the teacher split's classes.
+    ``probe``: also report a linear probe on the teacher's own features of its view of the probe
+    data (a row ``teacher``): the ceiling of what its representation tells about the probe's classes.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     checkpoint: Optional[str] = None
     train: TrainConfig = field(default_factory=TrainConfig)
+    num_classes: Optional[int] = None
+    probe: bool = False
 
 
 @dataclass
@@ -88,6 +106,9 @@ class TransferConfig(RunConfig):
         if unknown:
             raise ConfigError(f"protocols: unknown {unknown}; expected a subset of {list(PROTOCOLS)}")
         check_same_classes(self.data.probe_train, "data.probe_train", self.data.probe_test, "data.probe_test")
+        sizes = self.data.distill.subset
+        if isinstance(sizes, list) and (not sizes or min(sizes) < 1 or len(set(sizes)) != len(sizes)):
+            raise ConfigError(f"data.distill.subset={sizes}: expected distinct positive sizes")
 
 
 # ----------------------------------------------------------------- datasets
@@ -144,21 +165,34 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     modality = modality_from_config(cfg.modality)
     views = _Views(modality)
     d = cfg.data
-    teacher_train = open_split(d, d.teacher, cfg.seed, augment=True, labeled=True, role="teacher")
+    # Read once: its classifier, the sha256 the students record and the weights loaded are one file's.
+    held = open_checkpoint(cfg.teacher.checkpoint, role="teacher") if cfg.teacher.checkpoint else None
+    as_built = held is None and cfg.teacher.train.epochs == 0
+    if as_built and not cfg.teacher.model.options.get("pretrained"):
+        raise ConfigError("teacher.train.epochs=0 with no teacher.checkpoint leaves the teacher untrained; "
+                          "set teacher.model.options.pretrained=true, give a teacher.checkpoint, or train it")
+    if cfg.teacher.num_classes is not None and not as_built:
+        raise ConfigError("teacher.num_classes is for a teacher used as built (teacher.train.epochs=0); a trained "
+                          "teacher takes its split's classes, a checkpoint its own")
+    # A teacher used as built with its own classifier size reads no teacher split.
+    teacher_train = None if as_built and cfg.teacher.num_classes is not None else open_split(
+        d, d.teacher, cfg.seed, augment=True, labeled=True, role="teacher")
     probe_train = open_split(d, d.probe_train, cfg.seed, augment=False, labeled=True, role="probe_train")
     finetune_train = open_split(d, d.probe_train, cfg.seed, augment=True, labeled=True, role="probe_train")
     probe_test = open_split(d, d.probe_test, cfg.seed, augment=False, labeled=True, role="probe_test")
-    distill_set = open_split(d, d.distill, cfg.seed, augment=True, labeled=cfg.distill.ce_weight > 0, role="distill")
+    sizes = d.distill.subset if isinstance(d.distill.subset, list) else None
+    unlabeled = [_unlabeled(cfg, part) for part in
+                 ([d.distill] if sizes is None else [replace(d.distill, subset=n) for n in sorted(sizes)])]
     # The teacher is scored on the probe's test split in its own label space: cut to
     # data.teacher.classes (or whole), whatever classes the probe reads.
     teacher_part = replace(d.probe_test, classes=d.teacher.classes)
     teacher_test = probe_test if teacher_part == d.probe_test else open_split(
         d, teacher_part, cfg.seed, augment=False, labeled=True, role="teacher")
     num_classes = _num_classes(probe_train, "probe_train", d.probe_train)
-    # Read once: its classifier, the sha256 the students record and the weights loaded are one file's.
-    held = open_checkpoint(cfg.teacher.checkpoint, role="teacher") if cfg.teacher.checkpoint else None
     if held is not None:  # its classifier decides; load_weights_into checks the rest
         teacher_classes = int(held.payload["num_classes"])
+    elif teacher_train is None:
+        teacher_classes = cfg.teacher.num_classes
     else:
         teacher_classes = _num_classes(teacher_train, "teacher", d.teacher)
     # A checkpoint of another dataset's label set (say 1,000 classes) still teaches, but its
@@ -175,29 +209,38 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     shared = {"student": record["student"], "teacher": record["teacher"], "data": record["data"],
               "modality": record["modality"], "seed": cfg.seed}
 
-    def stages_of(method: str, student: nn.Module, teacher: nn.Module) -> list:
-        return distill_stages(engine, method, student, teacher, distill_set, views.teacher, views.student,
+    def stages_of(method: str, student: nn.Module, teacher: nn.Module, part: _Unlabeled) -> list:
+        data = record["data"] if sizes is None else {**record["data"], "distill": to_dict(part.split)}
+        return distill_stages(engine, method, student, teacher, part.dataset, views.teacher, views.student,
                               cfg.distill.train, weights=cfg.distill.weights, loss_options=cfg.distill.loss_options,
                               ce_weight=cfg.distill.ce_weight, init_cfg=cfg.distill.init_train,
-                              warm_start=cfg.distill.warm_start, sample=sample,
-                              record={**shared, "distill": record["distill"]["train"]})
+                              warm_start=cfg.distill.warm_start, sample=part.sample, tag=part.tag(sizes),
+                              record={**shared, "data": data, "distill": record["distill"]["train"]})
 
-    sample = engine.first_batch(distill_set)  # the losses read feature shapes from it
+    for part in unlabeled:  # the losses read feature shapes from a first batch
+        part.sample = engine.first_batch(part.dataset)
 
     # Build every method's losses once before anything trains (on an untrained copy of the
     # teacher): a bad loss option or a K the distillation set cannot supply fails in seconds,
     # not after the teacher and the methods before it. The global RNG is left as it was.
     with torch.random.fork_rng(devices=[]):
         scratch_teacher = build_backbone(cfg.teacher.model, modality.teacher_channels, teacher_classes, cfg.seed)
-        for method in cfg.distill.methods:
-            if method != "random":
-                stages_of(method, build_student(cfg, modality, method, teacher_classes), scratch_teacher)
+        for part in unlabeled:
+            for method in cfg.distill.methods:
+                if method != "random":
+                    stages_of(method, build_student(cfg, modality, method, teacher_classes), scratch_teacher, part)
         del scratch_teacher
 
     # 1. teacher
     teacher = build_backbone(cfg.teacher.model, modality.teacher_channels, teacher_classes, cfg.seed)
-    if held is not None:
-        load_weights_into(teacher, held, role="teacher")
+    if as_built and teacher.fc is not None and not getattr(teacher, "pretrained_head", False):
+        # KD would distil the soft labels of a classifier nobody trained
+        raise ConfigError(f"teacher.num_classes={teacher_classes}: {cfg.teacher.model.arch}'s pretrained "
+                          f"classifier has another number of classes (an ImageNet head: 1000), and a teacher "
+                          "used as built (teacher.train.epochs=0) cannot train a new one")
+    if held is not None or as_built:
+        if held is not None:
+            load_weights_into(teacher, held, role="teacher")
         teacher.to(engine.device)
         teacher_result = {"top1": classify_top1(engine, teacher, teacher_test, views.teacher, desc="teacher test")
                           if scored else None}
@@ -214,43 +257,89 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     teacher.eval().requires_grad_(False)
 
     rows = []
-    for method in cfg.distill.methods:
+    if cfg.teacher.probe:
         t0 = time.perf_counter()
-        student = build_student(cfg, modality, method, teacher_classes)
-        stages = stages_of(method, student, teacher) if method != "random" else []
-        for stage in stages:
-            engine.run(stage)
-        timings[f"distill-{method}"] = time.perf_counter() - t0
-        # The finetune stage's identity includes the distillation it starts from, all of it.
-        distilled = stages[-1].config if stages else None
-        rows.extend(_judge(cfg, engine, method, student, probe_train, finetune_train, probe_test, views, num_classes,
-                           record, distilled, timings))
+        result = linear_probe(engine, teacher, probe_train, probe_test, views.teacher, num_classes, cfg.linear_probe,
+                              seed=cfg.seed, name="probe-teacher")
+        timings["probe-teacher"] = time.perf_counter() - t0
+        rows.append({"method": "teacher", "protocol": "linear_probe", "metric": "top1", "value": result["top1"]})
+    for part in unlabeled:
+        for method in cfg.distill.methods:
+            if method == "random" and part is not unlabeled[0]:
+                continue  # reads no unlabeled image: one row for every size
+            tag = "" if method == "random" else part.tag(sizes)
+            t0 = time.perf_counter()
+            student = build_student(cfg, modality, method, teacher_classes)
+            stages = stages_of(method, student, teacher, part) if method != "random" else []
+            for stage in stages:
+                engine.run(stage)
+            timings[f"distill-{method}{tag}"] = time.perf_counter() - t0
+            # The finetune stage's identity includes the distillation it starts from, all of it.
+            distilled = stages[-1].config if stages else None
+            data = None if sizes is None else {**record["data"], "distill": to_dict(part.split)}
+            judged = _judge(cfg, engine, method, student, probe_train, finetune_train, probe_test, views, num_classes,
+                            record, distilled, timings, tag, data)
+            if sizes is not None and method != "random":
+                judged = [{**row, "n_unlabeled": len(part.dataset)} for row in judged]
+            rows.extend(judged)
     return {
         "results": rows,
         "teacher": {"top1": teacher_result["top1"], "view": modality.teacher_view, "arch": cfg.teacher.model.arch,
+                    "input_size": getattr(teacher, "input_size", None), "trained_here": not (as_built or held),
                     "classes": teacher_test.classes if scored else None,
                     "checkpoint_sha256": record["teacher"].get("checkpoint_sha256")},
         "timings": {**timings, "total": time.perf_counter() - began},
     }
 
 
+@dataclass
+class _Unlabeled:
+    """One unlabeled set the students distil on: its split config, the dataset, a first batch."""
+
+    split: UnlabeledSplit
+    dataset: Dataset
+    sample: Optional[dict] = None
+
+    def tag(self, sizes: Optional[list[int]]) -> str:
+        """The suffix of its stages' names: none for a single set, ``-n<size>`` on the Figure 3 axis."""
+        return "" if sizes is None else f"-n{self.split.subset}"
+
+
+def _unlabeled(cfg: TransferConfig, part: UnlabeledSplit) -> _Unlabeled:
+    """The distillation split cut to ``part.subset``; on the Figure 3 axis a size the split cannot
+    supply is refused (the curve would repeat the whole split under another size's name)."""
+    dataset = open_split(cfg.data, part, cfg.seed, augment=True, labeled=cfg.distill.ce_weight > 0, role="distill")
+    listed = isinstance(cfg.data.distill.subset, list)
+    if listed and len(dataset) < part.subset:
+        raise ConfigError(f"data.distill.subset lists {part.subset}, but split {part.split!r} holds "
+                          f"{len(dataset)} images; list sizes up to {len(dataset)}")
+    if len(dataset) < cfg.distill.train.batch_size and any(m != "random" for m in cfg.distill.methods):
+        raise ConfigError(f"distill.train.batch_size={cfg.distill.train.batch_size} exceeds the {len(dataset)} "
+                          f"unlabeled images of data.distill (subset {part.subset}); lower batch_size")
+    return _Unlabeled(part, dataset)
+
+
 def _judge(cfg, engine, method, student, probe_train, finetune_train, probe_test, views, num_classes, record,
-           distilled, timings) -> list[dict[str, Any]]:
+           distilled, timings, tag: str = "", data: Optional[dict] = None) -> list[dict[str, Any]]:
+    """The linear probe and finetune rows of one student; ``tag`` ends its stages' names and
+    ``data`` is the data record of its finetune stage (the recipe's, unless it distilled on one of
+    several unlabeled sets)."""
     rows = []
     if "linear_probe" in cfg.protocols:
         t0 = time.perf_counter()
         result = linear_probe(engine, student, probe_train, probe_test, views.student, num_classes,
-                              cfg.linear_probe, seed=cfg.seed, name=f"probe-{method}")
-        timings[f"probe-{method}"] = time.perf_counter() - t0
+                              cfg.linear_probe, seed=cfg.seed, name=f"probe-{method}{tag}")
+        timings[f"probe-{method}{tag}"] = time.perf_counter() - t0
         rows.append({"method": method, "protocol": "linear_probe", "metric": "top1", "value": result["top1"]})
     if "finetune" in cfg.protocols:
         student.reset_classifier(num_classes)
-        stage = supervised_stage(f"finetune-{method}", student, finetune_train, views.student, cfg.finetune,
-                                  {"finetune": record["finetune"], "method": method, "data": record["data"],
+        stage = supervised_stage(f"finetune-{method}{tag}", student, finetune_train, views.student, cfg.finetune,
+                                  {"finetune": record["finetune"], "method": method,
+                                   "data": record["data"] if data is None else data,
                                    "distill": distilled, "teacher": record["teacher"],
                                    "student": record["student"], "seed": cfg.seed})
         result = engine.run(stage, lambda: {"top1": classify_top1(engine, student, probe_test, views.student,
-                                                                 desc=f"finetune-{method} test")})
-        timings[f"finetune-{method}"] = result.get("seconds", 0.0)
+                                                                 desc=f"finetune-{method}{tag} test")})
+        timings[f"finetune-{method}{tag}"] = result.get("seconds", 0.0)
         rows.append({"method": method, "protocol": "finetune", "metric": "top1", "value": result["top1"]})
     return rows
