@@ -52,7 +52,56 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="a built-in recipe name (see `xmodal recipes`) or a YAML file")
     run.add_argument("overrides", nargs="*", metavar="key=value",
                      help="override recipe keys, dotted for nested ones (e.g. distill.train.epochs=5)")
+    combine = sub.add_parser("combine", help="one report (mean ± sd) of finished runs that differ only in their seed")
+    combine.add_argument("output", help="folder for the combined report.md / .png / .json")
+    combine.add_argument("runs", nargs="+", help="run folders, each holding a report.json")
     return parser
+
+
+#: Keys in which runs of one experiment may differ: the seed, where they ran, how many loader workers.
+_PER_RUN = ("seed", "seeds", "output_dir")
+
+
+def combine_runs(output: str, runs: list[str]) -> dict[str, Path]:
+    """Combine finished runs of one recipe and configuration, made with different seeds (for
+    example as separate jobs), into one report of every row's mean ± sd."""
+    import json
+
+    from xmodal.report import combine_seeds, markdown, plot, write_report
+
+    reports = []
+    for run in runs:
+        path = Path(run) / "report.json"
+        try:
+            report = json.loads(path.read_text())
+            config = dict(report["config"])
+            report["seed"] = int(config["seed"])
+        except FileNotFoundError:
+            raise ConfigError(f"{path} does not exist: give folders of finished runs") from None
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{path} is not an xmodal report ({type(err).__name__})") from None
+        reports.append(report)
+
+    def experiment(report: dict[str, Any]) -> dict[str, Any]:
+        config = {k: v for k, v in report["config"].items() if k not in _PER_RUN}
+        data = dict(config.get("data") or {})
+        data.pop("num_workers", None)
+        return {**config, "data": data}
+
+    first = experiment(reports[0])
+    for run, report in zip(runs[1:], reports[1:]):
+        if experiment(report) != first:
+            raise ConfigError(f"{run} ran another configuration than {runs[0]} (more than the seed differs)")
+    seeds = [r["seed"] for r in reports]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"the runs' seeds {seeds} repeat: give runs of distinct seeds")
+    combined = combine_seeds(reports, seeds)
+    combined["command"] = "xmodal combine " + " ".join(shlex.quote(a) for a in [output, *runs])
+    combined["runs"] = [{"folder": run, "command": r.get("command")} for run, r in zip(runs, reports)]
+    paths = write_report(combined, Path(output), plotter=plot)
+    print(markdown(combined))
+    print(f"[xmodal] report: {paths['md']}  {paths['png']}  {paths['json']}")
+    return paths
 
 
 def _workers(dataset: str, requested: Optional[int]) -> int:
@@ -156,6 +205,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 0
         if args.command == "run":
             run_recipe(args.recipe, args.overrides)
+            return 0
+        if args.command == "combine":
+            combine_runs(args.output, args.runs)
             return 0
         _parser().print_help()
         return 0

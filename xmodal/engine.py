@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import random
 import sys
 import time
@@ -38,6 +37,7 @@ from tqdm.auto import tqdm
 from xmodal.errors import CheckpointError, ConfigError, XmodalError
 from xmodal.models.batchnorm import convert_batchnorm
 from xmodal.precision import EmulatedBf16, cpu_bf16_kernels, resolve_cpu_bf16_convs
+from xmodal.safeload import load_tensors
 from xmodal.schema import TrainConfig
 
 CHECKPOINT = "checkpoint.pt"
@@ -73,18 +73,8 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def read_state_file(path: Path, remedy: str, map_location: Any = "cpu") -> Any:
-    """A file xmodal wrote with ``torch.save``, read with ``weights_only=True``: tensors and plain
-    data only, never code. A file that is empty, truncated, foreign, or asks the unpickler for
-    anything else (a crafted pickle) raises one CheckpointError naming it and ``remedy``."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "Unsupported global" in str(err):  # weights_only refused a callable: the file asks to run code
-            raise CheckpointError(f"{path} holds objects other than tensors and plain data (refused: xmodal "
-                                  f"never unpickles code); {remedy}") from None
-        raise CheckpointError(f"{path} cannot be read (UnpicklingError); {remedy}") from None
-    except Exception as err:  # noqa: BLE001 - torch raises zip, EOF and runtime errors alike for bad files
-        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}); {remedy}") from None
+    """A file a stage wrote, as tensors and plain data only (:func:`xmodal.safeload.load_tensors`)."""
+    return load_tensors(path, str(path), remedy, map_location)
 
 
 def atomic_write_text(text: str, path: Path) -> None:

@@ -68,8 +68,8 @@ def combine_seeds(reports: Sequence[Mapping[str, Any]], seeds: Sequence[int]) ->
     combined = {k: v for k, v in reports[0].items() if k not in ("results", "timings", "seed")}
     combined.update(
         results=results, seeds=list(seeds),
-        by_seed=[{"seed": seed, "results": r["results"], "teacher": r.get("teacher"), "timings": r.get("timings")}
-                 for seed, r in zip(seeds, reports)],
+        by_seed=[{"seed": seed, "results": r["results"], "teacher": r.get("teacher"), "timings": r.get("timings"),
+                  "threads": r.get("threads")} for seed, r in zip(seeds, reports)],
         timings={"total": sum((r.get("timings") or {}).get("total", 0.0) for r in reports)},
     )
     return combined
@@ -94,7 +94,8 @@ def markdown(report: Mapping[str, Any]) -> str:
     teacher = report.get("teacher") or {}
     if teacher.get("arch"):
         size = f" at {teacher['input_size']} px" if teacher.get("input_size") else ""
-        where = "trained here" if teacher.get("trained_here", True) else "used as built"
+        where = ("trained here" if teacher.get("trained_here", True) else
+                 "loaded from its checkpoint" if teacher.get("checkpoint_sha256") else "used as built")
         scored = "" if teacher.get("top1") is None else f", top-1 {teacher['top1']:.2f}"
         lines.append(f"- teacher: {teacher['arch']} on {teacher.get('view')}{size}, {where}{scored}")
     for name, info in (report.get("extra") or {}).items():

@@ -24,9 +24,13 @@ EXPECTED = {
     "resnet50": [(64, 1), (256, 1), (512, 2), (1024, 4), (2048, 8)],
     "smp_resnet18": SMP_RESNET, "smp_resnet34": SMP_RESNET,
     "efficientnet_lite0": [(32, 2), (24, 4), (40, 8), (112, 16), (320, 32)],
+    # Lite1 scales depth only; Lite2 widths x1.1 rounded to multiples of 8 (the stem stays 32 in Lite)
+    "efficientnet_lite1": [(32, 2), (24, 4), (40, 8), (112, 16), (320, 32)],
+    "efficientnet_lite2": [(32, 2), (24, 4), (48, 8), (120, 16), (352, 32)],
 }
-LARGE = {"resnet18", "resnet50", "smp_resnet34", "efficientnet_lite0", "resnet110", "resnet32x4", "vgg13"}
-POOLED = {"efficientnet_lite0": 1280}  # the others pool their last map
+LARGE = {"resnet18", "resnet50", "smp_resnet34", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
+         "resnet110", "resnet32x4", "vgg13"}
+POOLED = {"efficientnet_lite0": 1280, "efficientnet_lite1": 1280, "efficientnet_lite2": 1280}  # the others pool their last map
 
 
 def check_features(arch: str, in_channels: int, size: int, expected: list[tuple[int, int]], batch: int = 1,

@@ -15,7 +15,8 @@ PAPER_ZOO = ["resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet5
 
 
 def test_registry_lists_the_paper_zoo_and_library_models():
-    library = ["resnet18", "resnet50", "smp_resnet18", "smp_resnet34", "efficientnet_lite0"]
+    library = ["resnet18", "resnet50", "smp_resnet18", "smp_resnet34", "efficientnet_lite0", "efficientnet_lite1",
+               "efficientnet_lite2"]
     assert set(PAPER_ZOO + library) == set(available_models())
 
 

@@ -259,7 +259,21 @@ def test_seeds_run_each_seed_and_report_mean_and_sd(tmp_path, capsys):
     # again: every seed's stages are finished, so the same table comes back
     assert main(args) == 0
     assert json.loads((out / "report.json").read_text())["results"] == combined["results"]
+    # runs made as separate jobs combine into the same table
+    assert main(["combine", str(tmp_path / "joined"), str(out / "seed-3"), str(out / "seed-4")]) == 0
+    joined = json.loads((tmp_path / "joined" / "report.json").read_text())
+    assert joined["results"] == combined["results"] and joined["seeds"] == [3, 4]
     capsys.readouterr()
+    assert main(["combine", str(tmp_path / "j2"), str(out / "seed-3"), str(out / "seed-3")]) == 2
+    assert "seeds [3, 3] repeat" in _error(capsys)
+    assert main(["combine", str(tmp_path / "j3"), str(out / "seed-3"), str(tmp_path / "nowhere")]) == 2
+    assert "nowhere/report.json does not exist" in _error(capsys)
+    other = tmp_path / "other"
+    assert main(["run", "lab-color-transfer", f"output_dir={other}", *TINY, "distill.methods=[random]",
+                 "protocols=[linear_probe]", "seed=5"]) == 0
+    capsys.readouterr()
+    assert main(["combine", str(tmp_path / "j4"), str(out / "seed-3"), str(other)]) == 2
+    assert "ran another configuration" in _error(capsys)
     for bad in ("seeds=[]", "seeds=[1,1]"):
         assert main(["run", "lab-color-transfer", f"output_dir={tmp_path / 'bad'}", bad]) == 2
         assert "distinct seeds" in _error(capsys)

@@ -1,15 +1,21 @@
-"""Bad input, tried for real; the table in docs/reliability.md is written by this test.
+"""Bad input, tried for real; docs/errors.md is the table this test makes.
 
 Every case runs the command line against an output folder that already holds a finished run
 (of the Lab recipe), and checks three things: the exit status is 2 (a user error, not a crash),
 the message is one line that names the problem, and every file of the earlier run is
-byte-for-byte unchanged. Lab-recipe cases start from the tiny settings below; NYU-Depth-V2 and
-ensemble cases run their own recipe, on files written in the official layouts.
+byte-for-byte unchanged (a case that damages the folder first is checked against the damaged
+folder). Lab-recipe cases start from the tiny settings below; NYU-Depth-V2 and ensemble cases run
+their own recipe, on files written in the official layouts.
+
+The test never writes into the repository: it makes the table in a temporary folder and fails
+when docs/errors.md says otherwise. ``XMODAL_WRITE_DOCS=1 python -m pytest
+tests/xmodal/test_reliability.py`` rewrites docs/errors.md after a deliberate change.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import os
 import shutil
 from contextlib import redirect_stderr
 from dataclasses import dataclass
@@ -25,10 +31,7 @@ from xmodal.cli import main
 from xmodal.models import build_model, save_backbone
 
 REPO = Path(__file__).resolve().parents[2]
-DOC = REPO / "docs" / "reliability.md"
-# The rest of docs/reliability.md (figures of recorded runs, written by hand) starts here; the
-# test rewrites only the table above it.
-HAND_WRITTEN = "<!-- Below: written by hand, kept when tests/xmodal/test_reliability.py rewrites the table. -->"
+DOC = REPO / "docs" / "errors.md"
 TINY = [
     "data.options={num_samples: 64}", "teacher.train.epochs=1", "teacher.train.batch_size=32",
     "distill.methods=[random,crd]", "distill.train.epochs=1", "distill.train.batch_size=32",
@@ -53,6 +56,24 @@ class Case:
     expect: str  # a fragment the message must contain
     base: Callable[[Path], list[str]] = lambda d: []  # settings of the earlier, finished run too
     recipe: str = LAB  # another recipe runs with only its own arguments, into the Lab run's folder
+    damage: Optional[Callable[[Path], None]] = None  # what happens to the finished run's folder first
+
+
+class _Code:
+    """Unpickling this object calls ``exec``: a crafted file that would run code if unpickled."""
+
+    def __reduce__(self):
+        return (exec, ("raise SystemExit('a planted pickle ran')",))
+
+
+def _plant(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": _Code()}, path)
+    return path
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 def _image_folder(root: Path, corrupt: bool = False) -> Path:
@@ -114,7 +135,10 @@ def _ensemble(*more: str) -> Callable[[Path], list[str]]:
 CASES = [
     Case("data root that does not exist", lambda d: ["data=imagefolder", f"data.root={d / 'missing'}"],
          "does not exist"),
-    Case("empty image folder", lambda d: ["data=imagefolder", f"data.root={d / 'empty'}"], "no images found"),
+    Case("empty image folder", lambda d: ["data=imagefolder", f"data.root={d / 'empty'}", "data.teacher.split=train",
+                                          "data.distill.split=train"], "no images found"),
+    Case("image folder without the recipe's split", lambda d: ["data=imagefolder", f"data.root={d / 'empty'}"],
+         "empty/unlabeled for split 'unlabeled'"),
     # The earlier run trained its teacher on the clean split; this one reaches the corrupt file
     # during distillation, after that finished stage was reloaded.
     Case("corrupt JPEG met during training", lambda d: ["distill.methods=[random,crd]", "distill.train.batch_size=48"],
@@ -156,6 +180,34 @@ CASES = [
     Case("a non-finite loss (finetune learning rate 1e30)",
          lambda d: ["protocols=[linear_probe,finetune]", "finetune.optim.lr=1e30", "finetune.batch_size=32"],
          "not finite"),
+    # Run folders are data, not code; damaged ones are named, never half-read.
+    Case("teacher checkpoint that holds code (a crafted pickle)",
+         lambda d: [f"teacher.checkpoint={_plant(d / 'planted.pt')}"], "planted.pt"),
+    Case("finished stage's final.pt replaced by a crafted pickle", lambda d: [],
+         "never unpickles code", damage=lambda out: _plant(out / "stages" / "distill-crd" / "final.pt")),
+    Case("finished stage's final.pt truncated", lambda d: [], "final.pt cannot be read",
+         damage=lambda out: _truncate(out / "stages" / "teacher" / "final.pt")),
+    Case("finished stage's final.pt empty", lambda d: [], "final.pt cannot be read",
+         damage=lambda out: (out / "stages" / "teacher" / "final.pt").write_bytes(b"")),
+    Case("finished stage's result.json truncated", lambda d: [], "result.json is not a readable result file",
+         damage=lambda out: _truncate(out / "stages" / "distill-crd" / "result.json")),
+    Case("finished stage's result.json of another program", lambda d: [], "is not an xmodal stage result",
+         damage=lambda out: (out / "stages" / "teacher" / "result.json").write_text("[1, 2, 3]")),
+    Case("resume checkpoint that holds code (a crafted pickle)", lambda d: ["distill.methods=[random,crd,kd]"],
+         "checkpoint.pt holds objects other than tensors",
+         damage=lambda out: _plant(out / "stages" / "distill-kd" / "checkpoint.pt")),
+    # Recipe values
+    Case("repeated seeds", lambda d: ["seeds=[1,1]"], "distinct seeds"),
+    Case("unlabeled set sizes beyond the split", lambda d: ["data.distill.subset=[32,5000]"],
+         "data.distill.subset lists 5000, but split 'unlabeled' holds 64 images"),
+    Case("teacher used as built without pretrained weights", lambda d: ["teacher.train.epochs=0"],
+         "leaves the teacher untrained"),
+    Case("unknown teacher architecture", lambda d: ["teacher.model.arch=efficientnet_lite9"],
+         "unknown arch 'efficientnet_lite9'"),
+    Case("ImageNet teacher whose head is not 1000-way", lambda d: [
+        "teacher.train.epochs=0", "teacher.num_classes=10", "modality.teacher_view=L_grey",
+        "teacher.model={arch: efficientnet_lite0, options: {pretrained: true, input_size: 32}}"],
+         "pretrained classifier has another number of classes"),
     # NYU-Depth-V2 (nyu-rgb2depth recipe)
     Case("NYU: labeled .mat without `depths`", _nyu("nyu-nodepth/nyu_depth_v2_labeled.mat"), "no dataset 'depths'",
          recipe="nyu-rgb2depth"),
@@ -212,6 +264,8 @@ def test_bad_inputs_fail_cleanly_and_lose_nothing(tmp_path, data):
             earlier[tuple(base)] = run
         out = tmp_path / f"case{i}"
         shutil.copytree(earlier[tuple(base)], out)
+        if case.damage is not None:
+            case.damage(out)
         before = _snapshot(out)
         stderr = io.StringIO()
         settings = [*TINY, *base] if case.recipe == LAB else []
@@ -230,20 +284,25 @@ def test_bad_inputs_fail_cleanly_and_lose_nothing(tmp_path, data):
             failures.append(f"{case.name}: exit {code}, intact={intact}, message={message!r}")
         shown = message.replace(str(tmp_path), "<tmp>").replace(str(data), "<data>").replace("|", "\\|")
         rows.append(f"| {case.name} | `{case.recipe}` | `{shown}` | {code} | {'yes' if intact else 'NO'} |")
-    DOC.parent.mkdir(exist_ok=True)
-    previous = DOC.read_text() if DOC.exists() else ""
-    kept = previous[previous.index(HAND_WRITTEN):] if HAND_WRITTEN in previous else ""
-    DOC.write_text(
-        "# Reliability\n\n## Bad input: what xmodal says\n\n"
-        "This table is generated by `tests/xmodal/test_reliability.py` (run the test suite to refresh it). Each row ran\n"
-        "`xmodal run <recipe> output_dir=<a folder holding a finished run> <tiny settings> <the bad input>`;\n"
-        "\"earlier output intact\" means every file of that finished run was byte-for-byte unchanged\n"
-        "afterwards. Exit code 2 is xmodal's code for a user error; a crash (a traceback, exit 1 from\n"
-        "the shell) fails the test. The finished run is always a tiny Lab run; the NYU-Depth-V2 and\n"
-        "ensemble rows run their own recipe into that same folder. NYU-Depth-V2 inputs are small files\n"
-        "written in the official layouts (MATLAB v7.3 labeled .mat with `splits.mat` and the class\n"
-        "mappings beside it; rgb/ depth/ label13/ frame folders).\n\n"
+    table = (
+        "# Bad input: what xmodal says\n\n"
+        "Generated by `tests/xmodal/test_reliability.py`, which fails when this file no longer says what\n"
+        "xmodal does (`XMODAL_WRITE_DOCS=1 python -m pytest tests/xmodal/test_reliability.py` rewrites it).\n"
+        "Each row ran `xmodal run <recipe> output_dir=<a folder holding a finished run> <tiny settings>\n"
+        "<the bad input>`; \"earlier output intact\" means every file of that finished run (as damaged, for\n"
+        "the rows that damage it) was byte-for-byte unchanged afterwards. Exit code 2 is xmodal's code for a\n"
+        "user error; a crash (a traceback, exit 1) fails the test. The finished run is a tiny Lab run; the\n"
+        "NYU-Depth-V2 and ensemble rows run their own recipe into that same folder. NYU-Depth-V2 inputs are\n"
+        "small files written in the official layouts (MATLAB v7.3 labeled .mat with `splits.mat` and the\n"
+        "class mappings beside it; rgb/ depth/ label13/ frame folders). Planted files would run code if\n"
+        "unpickled.\n\n"
         "| bad input | recipe | message (stderr, one line) | exit code | earlier output intact |\n"
-        "|---|---|---|---|---|\n" + "\n".join(rows) + "\n" + ("\n" + kept if kept else "")
+        "|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
     )
+    (tmp_path / "errors.md").write_text(table)
     assert not failures, "\n".join(failures)
+    if os.environ.get("XMODAL_WRITE_DOCS") == "1":
+        DOC.write_text(table)
+    assert DOC.exists() and DOC.read_text() == table, (
+        f"docs/errors.md differs from what xmodal says now ({tmp_path / 'errors.md'}); after a deliberate change "
+        "run XMODAL_WRITE_DOCS=1 python -m pytest tests/xmodal/test_reliability.py")

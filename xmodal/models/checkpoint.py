@@ -19,6 +19,7 @@ from torch import Tensor
 
 from xmodal import __version__
 from xmodal.errors import CheckpointError
+from xmodal.safeload import load_tensors
 from xmodal.models.base import Backbone
 from xmodal.models.registry import INIT_ONLY_KWARGS, build_model
 
@@ -85,10 +86,7 @@ def open_checkpoint(path: PathLike, role: str = "") -> CheckpointFile:
     if not Path(path).is_file():
         raise CheckpointError(f"{name} does not exist")
     data = Path(path).read_bytes()
-    try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises pickle, zip and runtime errors alike for bad files
-        raise CheckpointError(f"{name} is not a readable PyTorch checkpoint ({type(err).__name__})") from err
+    payload = load_tensors(io.BytesIO(data), name, "expected a backbone checkpoint written by xmodal")
     missing = [k for k in _KEYS if not isinstance(payload, dict) or k not in payload]
     if missing:
         raise CheckpointError(f"{name} is not an xmodal backbone checkpoint (missing {', '.join(missing)})")
