@@ -43,7 +43,7 @@ class TestImageAugment:
         padded = torch.nn.functional.pad(image, (4, 4, 4, 4))
         for index in range(20):
             out = random_crop_flip(image, sample_generator(0, 0, index))
-            windows = [padded[:, t : t + 32, l : l + 32] for t in range(9) for l in range(9)]
+            windows = [padded[:, t : t + 32, c : c + 32] for t in range(9) for c in range(9)]
             assert any(torch.equal(out, w) or torch.equal(out, w.flip(-1)) for w in windows)
 
     def test_pure_in_seed_epoch_index(self):

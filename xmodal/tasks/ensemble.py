@@ -251,8 +251,8 @@ def run_ensemble(cfg: EnsembleConfig, engine: Engine) -> dict[str, Any]:
                                                     cfg.teachers.train, shared)
     timings["teachers"] = time.perf_counter() - t0
     pool = {
-        "members": [{"member": m.describe(), "view": m.view, "top1": top1(l, test_labels),
-                     "checkpoint_sha256": m.identity.get("checkpoint_sha256")} for m, l in zip(used, test_logits)],
+        "members": [{"member": m.describe(), "view": m.view, "top1": top1(logits, test_labels),
+                     "checkpoint_sha256": m.identity.get("checkpoint_sha256")} for m, logits in zip(used, test_logits)],
         "ensemble_top1": {str(m): ensemble_top1(test_logits[:m], test_labels) for m in counts if used},
     }
 

@@ -177,4 +177,4 @@ def build_pool(engine: Engine, members: Sequence[Member], modality: Modality, tr
 
 def ensemble_top1(logits: Sequence[Tensor], labels: Tensor) -> float:
     """Top-1 (percent) of the averaged softmax of the given members."""
-    return top1(torch.stack([l.softmax(dim=1) for l in logits]).mean(dim=0), labels)
+    return top1(torch.stack([member.softmax(dim=1) for member in logits]).mean(dim=0), labels)
