@@ -159,15 +159,25 @@ def _is_main() -> bool:
 def _run_one(cfg: Any, output_dir: Path, command: str, tasks: dict,
              show: bool = True) -> tuple[dict[str, Any], dict[str, Path]]:
     """One run of a resolved recipe into ``output_dir``: its report and the report's paths."""
-    import torch
-
     from xmodal.engine import Engine
-    from xmodal.report import plot, write_report
 
     resolved = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     engine = Engine(output_dir, seed=cfg.seed, mixed_precision=cfg.mixed_precision, cpu=cfg.cpu,
                     cpu_bf16_convs=cfg.cpu_bf16_convs,
                     num_workers=_workers(cfg.data.name, cfg.data.num_workers), resolved_config=resolved)
+    try:
+        return _run_and_report(cfg, engine, command, tasks, show)
+    finally:
+        engine.close()
+
+
+def _run_and_report(cfg: Any, engine: Any, command: str, tasks: dict,
+                    show: bool) -> tuple[dict[str, Any], dict[str, Path]]:
+    import torch
+
+    from xmodal.report import plot, write_report
+
+    output_dir = engine.output_dir
     report = tasks[cfg.task][1](cfg, engine)
     report.update(
         recipe=cfg.recipe,
@@ -192,7 +202,6 @@ def _run_one(cfg: Any, output_dir: Path, command: str, tasks: dict,
         if show:
             print(markdown(report))
             print(f"[xmodal] report: {paths['md']}  {paths['png']}  {paths['json']}")
-    engine.accelerator.end_training()
     return report, paths
 
 

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from xmodal.errors import CheckpointError, ConfigError, XmodalError
 from xmodal.models.batchnorm import convert_batchnorm
 from xmodal.precision import EmulatedBf16, cpu_bf16_kernels, resolve_cpu_bf16_convs
+from xmodal.runlock import OutputLock
 from xmodal.safeload import load_tensors
 from xmodal.schema import TrainConfig
 
@@ -245,6 +246,9 @@ class Engine:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         self._log, self._resolved_config, self._started = log, resolved_config, False
+        self._lock = OutputLock(self.output_dir)
+        if self.is_main:  # a folder another live run is writing is refused before any work
+            OutputLock.check(self.output_dir)
         self._mixed_precision = mixed_precision
         kernels = cpu_bf16_kernels() if mixed_precision == "bf16" and self.device.type == "cpu" else None
         #: ``"emulated"`` / ``"native"`` for a bf16 run on the CPU, else None (report.json records it).
@@ -264,10 +268,16 @@ class Engine:
         self._started = True
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire()  # a second run started on this folder meanwhile is refused here
             if self._resolved_config is not None:
                 atomic_write_text(self._resolved_config, self._config_path())
         if self._log:
             self.accelerator.init_trackers("xmodal")
+
+    def close(self) -> None:
+        """End the run: release the output folder's lock and Accelerate's trackers."""
+        self._lock.release()
+        self.accelerator.end_training()
 
     # ------------------------------------------------------------ properties
     @property
