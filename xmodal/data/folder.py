@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Optional, Union
 
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import functional as TF
 
 from xmodal.data.augment import ImageAugment
 from xmodal.data.base import ImageDataset, PathLike, existing_dir
@@ -66,13 +68,21 @@ def balanced_subset(labels: Tensor, num_samples: int, seed: int) -> Tensor:
 
 
 def decode_file(path: Path) -> Tensor:
-    """``(3, H, W)`` uint8 RGB of one image file; DataError naming the file if it is unreadable."""
+    """``(3, H, W)`` uint8 RGB of one image file; DataError naming the file if it is unreadable.
+
+    Images as people have them become 8-bit RGB: grey, grey + alpha, palette and RGBA files are
+    converted (alpha dropped), CMYK JPEGs converted to RGB, 16-bit PNGs scaled to 8 bits (rounded),
+    and a JPEG's EXIF orientation applied, as a photo viewer shows it.
+    """
     try:
-        return decode_image(str(path), mode=ImageReadMode.RGB)
+        image = decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except (RuntimeError, OSError, ValueError) as error:
         # torchvision's messages carry a C++ source location; keep only the reason after it.
         reason = re.sub(r"^.*?\.cpp:\d+,\s*", "", str(error).splitlines()[0]).split(". ")[0].rstrip(".")
         raise DataError(f"cannot decode image {path}: expected a valid JPEG/PNG/WebP file ({reason})") from error
+    if image.dtype == torch.uint16:  # 16-bit PNG: 0..65535 -> 0..255, rounded
+        image = ((image.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
+    return image
 
 
 @functools.lru_cache(maxsize=4)
@@ -119,13 +129,28 @@ class ImageFolderDataset(ImageDataset):
         self.cached: Optional[tuple[Tensor, ...]] = None
         if cache:
             self.cached = decode_all(tuple(self.path(i) for i in range(len(files))))
+        # Without a size, a batch needs one shape: images of another size than the first are
+        # resized to it (said once per process when it happens).
+        self.image_size: Optional[tuple[int, int]] = None
+        if size is None:
+            first = self.cached[0] if self.cached is not None else decode_file(self.path(0))
+            self.image_size = (int(first.shape[-2]), int(first.shape[-1]))
+        self._said = False
 
     def path(self, index: int) -> Path:
         """The file of sample ``index``."""
         return self.root / self.files[index]
 
     def read_image(self, index: int) -> Tensor:
-        return self.cached[index] if self.cached is not None else decode_file(self.path(index))
+        image = self.cached[index] if self.cached is not None else decode_file(self.path(index))
+        if self.image_size is not None and tuple(image.shape[-2:]) != self.image_size:
+            if not self._said:
+                self._said = True
+                print(f"[xmodal] note: {self.path(index)} is {tuple(image.shape[-2:])}, not {self.image_size} like "
+                      f"the first image of {self.root}: images of other sizes are resized to {self.image_size} "
+                      "(set data.options.size to choose the size)", file=sys.stderr, flush=True)
+            image = TF.resize(image, list(self.image_size), antialias=True)
+        return image
 
     def verify(self) -> int:
         """Check every file's header (fast: nothing is decoded); returns the number checked.

@@ -35,7 +35,7 @@ from xmodal.tasks.ensemble_pool import Member, PoolSection, build_pool, check_ch
     resolve_pool
 from xmodal.tasks.ensemble_report import plot_error_vs_teachers
 from xmodal.tasks.evaluation import classify_top1, top1
-from xmodal.tasks.subset import open_split
+from xmodal.tasks.subset import check_classifiable, open_split
 from xmodal.tasks.supervised import build_backbone
 
 #: Loss weights of each method: γ on CE, α on KD from the averaged ensemble, β on every critic.
@@ -234,6 +234,7 @@ def run_ensemble(cfg: EnsembleConfig, engine: Engine) -> dict[str, Any]:
     weights = _teacher_weights(cfg, len(members))
     train_set = open_split(cfg.data, cfg.data.train, cfg.seed, augment=True, labeled=True, role="train")
     test_set = open_split(cfg.data, cfg.data.test, cfg.seed, augment=False, labeled=True, role="test")
+    check_classifiable(train_set, test_set, "data.train", "data.test")
     if not getattr(train_set, "classes", None):
         raise ConfigError(f"dataset {cfg.data.name!r} split {cfg.data.train.split!r} has no classes: ensembles need labels")
     num_classes = len(train_set.classes)

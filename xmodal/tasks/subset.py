@@ -127,3 +127,26 @@ def open_split(data: ImageDataConfig, part: SplitConfig, seed: int, *, augment: 
     if part.subset is not None and part.subset < len(dataset):
         dataset = class_balanced_subset(dataset, part.subset, seed)
     return dataset
+
+
+def check_classifiable(train: Dataset, test: Dataset, train_key: str, test_key: str) -> None:
+    """ConfigError, before anything trains, for labeled splits no classifier can be judged on:
+    fewer than two classes, a class without images in either split, or a test split whose
+    classes are not the training split's (an ImageFolder's train/ and test/ with other folders)."""
+    names = list(getattr(train, "classes", []))
+    if list(getattr(test, "classes", [])) != names:
+        missing = sorted(set(names) - set(test.classes)) or sorted(set(test.classes) - set(names))
+        raise ConfigError(f"{train_key} and {test_key} hold different classes ({len(names)} against "
+                          f"{len(test.classes)}; first difference: {missing[:3]}); a classifier is scored on "
+                          "the classes it learnt: give splits of the same classes, or choose them with .classes=[...]")
+    if len(names) < 2:
+        raise ConfigError(f"{train_key} holds {len(names)} class{'' if len(names) == 1 else 'es'} {names}: "
+                          "a classifier needs at least two")
+    for key, dataset in ((train_key, train), (test_key, test)):
+        labels = dataset.labels
+        counts = torch.bincount(labels[labels >= 0], minlength=len(names))
+        empty = [names[i] for i in (counts == 0).nonzero()[:, 0].tolist()]
+        if empty:
+            raise ConfigError(f"{key} has no images of class{'es' if len(empty) > 1 else ''} {empty[:5]} "
+                              f"({len(dataset)} images, {len(names)} classes); give every class images, or "
+                              f"keep the others with {key}.classes=[...]")

@@ -31,7 +31,7 @@ from xmodal.schema import (ImageDataConfig, ModalityConfig, ModelConfig, OptimCo
 from xmodal.tasks.distill import distill_stages, needs_logits
 from xmodal.tasks.evaluation import classify_top1
 from xmodal.tasks.linear_probe import ProbeConfig, linear_probe
-from xmodal.tasks.subset import open_split
+from xmodal.tasks.subset import check_classifiable, open_split
 from xmodal.tasks.supervised import build_backbone, supervised_stage
 
 PROTOCOLS = ("linear_probe", "finetune")
@@ -189,6 +189,7 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     teacher_test = probe_test if teacher_part == d.probe_test else open_split(
         d, teacher_part, cfg.seed, augment=False, labeled=True, role="teacher")
     num_classes = _num_classes(probe_train, "probe_train", d.probe_train)
+    check_classifiable(probe_train, probe_test, "data.probe_train", "data.probe_test")
     if held is not None:  # its classifier decides; load_weights_into checks the rest
         teacher_classes = int(held.payload["num_classes"])
     elif teacher_train is None:
