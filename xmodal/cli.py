@@ -124,13 +124,13 @@ def run_recipe(recipe: str, overrides: list[str]) -> dict[str, Path]:
     tasks = _tasks()
     cfg = resolve(recipe, overrides, {name: schema for name, (schema, _) in tasks.items()})
     output_dir = Path(cfg.output_dir or Path("runs") / cfg.recipe)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"output_dir={output_dir} is a file; choose a folder")
     command = "xmodal run " + " ".join(shlex.quote(a) for a in [recipe, *overrides])
     if cfg.seeds is None:
         return _run_one(cfg, output_dir, command, tasks)[1]
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
         raise ConfigError(f"seeds={cfg.seeds}: expected a non-empty list of distinct seeds")
-    if output_dir.is_file():
-        raise ConfigError(f"output_dir={output_dir} is a file; choose a folder")
     reports = []
     for seed in cfg.seeds:
         print(f"[xmodal] seed {seed} ({len(reports) + 1} of {len(cfg.seeds)}) -> {output_dir / f'seed-{seed}'}",

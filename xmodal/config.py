@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -69,6 +70,8 @@ def available_recipes() -> dict[str, str]:
 def read_recipe(name_or_path: str) -> dict[str, Any]:
     """The raw mapping of a built-in recipe (by name) or of a YAML file (by path)."""
     path = Path(name_or_path)
+    if path.is_dir():
+        raise ConfigError(f"recipe {path} is a folder; give a recipe name or a YAML file")
     if not (path.suffix in (".yaml", ".yml") and path.exists()):
         path = recipe_dir() / f"{name_or_path}{RECIPE_SUFFIX}"
         if not path.exists():
@@ -77,7 +80,9 @@ def read_recipe(name_or_path: str) -> dict[str, Any]:
             hint = f"; did you mean {near[0]!r}?" if near else ""
             raise ConfigError(f"unknown recipe {name_or_path!r}{hint} Available: {', '.join(names)}")
     try:
-        data = load_yaml(path.read_text())
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"recipe {path} is not a text file (not UTF-8); a recipe is YAML text") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -173,7 +178,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
-        return dict(value)
+        _, value_tp = typing.get_args(tp) or (Any, Any)
+        return {k: _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -184,6 +190,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key} must be an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # no recipe number means anything as NaN or infinity
+                raise ConfigError(f"{key} must be a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{key} must be a number, got {value!r}")
     if tp is str:
@@ -246,6 +254,9 @@ def resolve(recipe: str, overrides: list[str], schemas: dict[str, type]) -> Any:
         if key == "quick":
             data["quick"] = value
     quick_block = data.pop("quick_overrides", {}) or {}
+    if not isinstance(quick_block, dict):
+        raise ConfigError(f"quick_overrides of recipe {recipe!r} must be a mapping of keys to values, "
+                          f"got {type(quick_block).__name__}")
     if _coerce(data.get("quick", False), bool, "quick"):
         for key, value in quick_block.items():
             set_dotted(data, key, value)
@@ -254,4 +265,8 @@ def resolve(recipe: str, overrides: list[str], schemas: dict[str, type]) -> Any:
     task = data.get("task")
     if task not in schemas:
         raise ConfigError(f"recipe {recipe!r} has task {task!r}; expected one of {sorted(schemas)}")
-    return from_dict(schemas[task], data)
+    cfg = from_dict(schemas[task], data)
+    for seed in [cfg.seed, *(cfg.seeds or [])]:
+        if not 0 <= seed < 2**32:  # what numpy's and Python's generators take
+            raise ConfigError(f"seed {seed}: expected a seed in 0 .. 2**32 - 1")
+    return cfg

@@ -20,7 +20,7 @@ import shutil
 from contextlib import redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import pytest
@@ -49,13 +49,18 @@ ENSEMBLE_TINY = [
 ]
 
 
+FOLDER_SPLITS = ["data.teacher.split=train", "data.distill.split=train", "data.probe_train.split=train",
+                 "data.probe_test.split=test"]
+
+
 @dataclass
 class Case:
     name: str
     args: Callable[[Path], list[str]]  # data folder -> command-line arguments after the recipe
     expect: str  # a fragment the message must contain
     base: Callable[[Path], list[str]] = lambda d: []  # settings of the earlier, finished run too
-    recipe: str = LAB  # another recipe runs with only its own arguments, into the Lab run's folder
+    recipe: Union[str, Callable[[Path], str]] = LAB  # another recipe (or a file of the data folder) runs with
+    # only its own arguments, into the Lab run's folder
     damage: Optional[Callable[[Path], None]] = None  # what happens to the finished run's folder first
 
 
@@ -208,6 +213,35 @@ CASES = [
         "teacher.train.epochs=0", "teacher.num_classes=10", "modality.teacher_view=L_grey",
         "teacher.model={arch: efficientnet_lite0, options: {pretrained: true, input_size: 32}}"],
          "pretrained classifier has another number of classes"),
+    Case("batch larger than the unlabeled set", lambda d: ["distill.train.batch_size=1000"],
+         "distill.train.batch_size=1000 exceeds the 64 unlabeled images"),
+    # Malformed recipes and values
+    Case("recipe that is a folder", lambda d: [], "is a folder", recipe=lambda d: str(d / "empty")),
+    Case("recipe file of binary bytes", lambda d: [], "is not a text file", recipe=lambda d: str(d / "binary.yaml")),
+    Case("recipe whose quick block is not a mapping", lambda d: ["quick=true"], "must be a mapping of keys to values",
+         recipe=lambda d: str(d / "quicklist.yaml")),
+    Case("recipe that is not YAML", lambda d: [], "is not valid YAML", recipe=lambda d: str(d / "broken.yaml")),
+    Case("output_dir that is a file", lambda d: [f"output_dir={d / 'garbage.pt'}"], "is a file; choose a folder"),
+    Case("override without '='", lambda d: ["distill.train.epochs"], "is not of the form key=value"),
+    Case("NaN learning rate", lambda d: ["distill.train.optim.lr=.nan"], "must be a finite number, got nan"),
+    Case("infinite probe learning rate", lambda d: ["linear_probe.lr=.inf"], "must be a finite number, got inf"),
+    Case("NaN loss weight", lambda d: ["distill.weights.crd=.nan"], "distill.weights.crd must be a finite number"),
+    Case("loss weight that is not a number", lambda d: ["distill.weights={crd: much}"], "must be a number"),
+    Case("zero learning rate", lambda d: ["distill.train.optim.lr=0"], "expected a positive learning rate"),
+    Case("negative epochs", lambda d: ["distill.train.epochs=-3"], "expected epochs >= 0"),
+    Case("negative seed", lambda d: ["seed=-1"], "expected a seed in 0 .. 2**32 - 1"),
+    Case("unknown optimizer", lambda d: ["distill.train.optim.name=lamb"], "optim.name='lamb'"),
+    Case("unknown learning-rate schedule", lambda d: ["distill.train.optim.schedule=linear"], "optim.schedule='linear'"),
+    Case("unknown precision", lambda d: ["mixed_precision=fp8"], "mixed_precision='fp8'"),
+    Case("unknown modality", lambda d: ["modality.name=hsv"], "unknown modality 'hsv'"),
+    Case("view the modality does not have", lambda d: ["modality.teacher_view=depth"], "teacher_view='depth'"),
+    Case("unknown evaluation protocol", lambda d: ["protocols=[probe]"], "protocols: unknown ['probe']"),
+    Case("probe and test splits of different classes", lambda d: ["data.probe_train.classes=[disc,square]"],
+         "data.probe_train.classes=['disc', 'square'] and data.probe_test.classes=None differ"),
+    Case("image folder of one class", lambda d: ["data=imagefolder", f"data.root={d / 'oneclass'}", *FOLDER_SPLITS],
+         "holds 1 class ['cat']: a classifier needs at least two"),
+    Case("image folder whose test split has other classes",
+         lambda d: ["data=imagefolder", f"data.root={d / 'otherclasses'}", *FOLDER_SPLITS], "hold different classes"),
     # NYU-Depth-V2 (nyu-rgb2depth recipe)
     Case("NYU: labeled .mat without `depths`", _nyu("nyu-nodepth/nyu_depth_v2_labeled.mat"), "no dataset 'depths'",
          recipe="nyu-rgb2depth"),
@@ -248,6 +282,15 @@ def data(tmp_path_factory, formats) -> Path:
     (root / "empty" / "train").mkdir(parents=True)
     _image_folder(root / "corrupt", corrupt=True)
     (root / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    (root / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    (root / "quicklist.yaml").write_text("task: transfer\nquick_overrides: [1, 2]\n")
+    (root / "broken.yaml").write_text("task: transfer\n  bad: [indent\n")
+    for name, test_classes in (("oneclass", ("cat",)), ("otherclasses", ("cat", "eel"))):
+        for split, classes in (("train", ("cat",) if name == "oneclass" else ("cat", "dog")), ("test", test_classes)):
+            for cls in classes:
+                (root / name / split / cls).mkdir(parents=True)
+                for i in range(4):
+                    Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(root / name / split / cls / f"{i}.png")
     _nyu_files(root, formats)
     return root
 
@@ -268,9 +311,10 @@ def test_bad_inputs_fail_cleanly_and_lose_nothing(tmp_path, data):
             case.damage(out)
         before = _snapshot(out)
         stderr = io.StringIO()
-        settings = [*TINY, *base] if case.recipe == LAB else []
+        recipe = case.recipe(data) if callable(case.recipe) else case.recipe
+        settings = [*TINY, *base] if recipe == LAB else []
         with redirect_stderr(stderr):
-            code = main(["run", case.recipe, f"output_dir={out}", *settings, *case.args(data)])
+            code = main(["run", recipe, f"output_dir={out}", *settings, *case.args(data)])
         # Progress bars share stderr; the error itself must be one line, and the last.
         lines = [line for line in stderr.getvalue().replace("\r", "\n").splitlines() if line.strip()]
         errors = [line for line in lines if line.startswith("xmodal: error:")]
@@ -283,7 +327,8 @@ def test_bad_inputs_fail_cleanly_and_lose_nothing(tmp_path, data):
         if not ok:
             failures.append(f"{case.name}: exit {code}, intact={intact}, message={message!r}")
         shown = message.replace(str(tmp_path), "<tmp>").replace(str(data), "<data>").replace("|", "\\|")
-        rows.append(f"| {case.name} | `{case.recipe}` | `{shown}` | {code} | {'yes' if intact else 'NO'} |")
+        shown_recipe = recipe.replace(str(data), "<data>")
+        rows.append(f"| {case.name} | `{shown_recipe}` | `{shown}` | {code} | {'yes' if intact else 'NO'} |")
     table = (
         "# Bad input: what xmodal says\n\n"
         "Generated by `tests/xmodal/test_reliability.py`, which fails when this file no longer says what\n"

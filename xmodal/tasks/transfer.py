@@ -180,6 +180,8 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     probe_train = open_split(d, d.probe_train, cfg.seed, augment=False, labeled=True, role="probe_train")
     finetune_train = open_split(d, d.probe_train, cfg.seed, augment=True, labeled=True, role="probe_train")
     probe_test = open_split(d, d.probe_test, cfg.seed, augment=False, labeled=True, role="probe_test")
+    num_classes = _num_classes(probe_train, "probe_train", d.probe_train)
+    check_classifiable(probe_train, probe_test, "data.probe_train", "data.probe_test")
     sizes = d.distill.subset if isinstance(d.distill.subset, list) else None
     unlabeled = [_unlabeled(cfg, part) for part in
                  ([d.distill] if sizes is None else [replace(d.distill, subset=n) for n in sorted(sizes)])]
@@ -188,8 +190,6 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     teacher_part = replace(d.probe_test, classes=d.teacher.classes)
     teacher_test = probe_test if teacher_part == d.probe_test else open_split(
         d, teacher_part, cfg.seed, augment=False, labeled=True, role="teacher")
-    num_classes = _num_classes(probe_train, "probe_train", d.probe_train)
-    check_classifiable(probe_train, probe_test, "data.probe_train", "data.probe_test")
     if held is not None:  # its classifier decides; load_weights_into checks the rest
         teacher_classes = int(held.payload["num_classes"])
     elif teacher_train is None:
