@@ -153,10 +153,23 @@ def _dataclass_of(tp: Any) -> Optional[type]:
     return None
 
 
+def _finite(value: Any, key: str) -> Any:
+    """``value`` (a free-form option such as a loss's), once no number in it is NaN or infinite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _finite(v, f"{key}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _finite(v, f"{key}[{i}]")
+    return value
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
-        return value
+        return _finite(value, key)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:

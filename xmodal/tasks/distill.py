@@ -153,7 +153,7 @@ def build_criteria(terms: Mapping[str, float], student: nn.Module, teacher: nn.M
         cls = losses.get(name)
         try:
             criteria[name] = cls.from_features(s_feats, t_feats, n_data=n_data, labels=labels, **dict(options.get(name, {})))
-        except (TypeError, ValueError) as err:  # losses/ raises plain errors; name the recipe key
+        except (TypeError, ValueError, OverflowError) as err:  # losses/ raises plain errors; name the recipe key
             raise ConfigError(f"distill.loss_options.{name}: {err}") from None
     return criteria
 
