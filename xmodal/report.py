@@ -133,7 +133,8 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
     ax.set_xticks(range(len(row_keys)), [_label(k) for k in row_keys], rotation=30, ha="right")
     ax.set_ylabel("value")
     ax.set_title(str(report.get("recipe", "")))
-    ax.legend(fontsize=8)
+    if columns:  # a run with no rows (every method skipped) draws empty axes, without a legend
+        ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
 

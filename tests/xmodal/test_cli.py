@@ -83,7 +83,7 @@ def test_missing_data_root_is_one_line_exit_2(tmp_path, capsys):
 def test_empty_folder_is_one_line_exit_2(tmp_path, capsys):
     (tmp_path / "empty" / "train").mkdir(parents=True)
     code = main(["run", "lab-color-transfer", f"output_dir={tmp_path / 'x'}", "data=imagefolder",
-                 f"data.root={tmp_path / 'empty'}"])
+                 f"data.root={tmp_path / 'empty'}", "data.teacher.split=train", "data.distill.split=train"])
     assert code == 2
     assert f"no images found under {tmp_path / 'empty' / 'train'}" in _error(capsys)
 
