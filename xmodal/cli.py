@@ -190,6 +190,7 @@ def _run_and_report(cfg: Any, engine: Any, command: str, tasks: dict,
         # What ran it: intra-op threads per process (results move with summation order), torch's build.
         threads=torch.get_num_threads(),
         torch=torch.__version__,
+        xmodal=__version__,
         # bf16 on the CPU: "emulated" or "native" convolutions (None otherwise); cpu_bf16_convs=auto resolved.
         cpu_bf16_convs=engine.cpu_bf16_convs,
     )

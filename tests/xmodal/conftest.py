@@ -1,4 +1,4 @@
-"""benchmarks/mixed_precision.py, loaded as a module for its tests."""
+"""tools/mixed_precision.py, loaded as a module for its tests."""
 from __future__ import annotations
 
 import importlib.util
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "mixed_precision.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "mixed_precision.py"
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""benchmarks/mixed_precision.py's run-maker: several runs at once, each with its thread count, a
+"""tools/mixed_precision.py's run-maker: several runs at once, each with its thread count, a
 failed run named without losing the others, and reports checked for the threads they ran with.
 
 The recipe is replaced by a stand-in command that writes a report of the same shape (its probe

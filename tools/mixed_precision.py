@@ -30,7 +30,7 @@ kept beside each run in ``reprobe-<precision>.json``, keyed by the student check
 As a check that the worker rebuilds the run's probe faithfully, every fp32 run's student is also
 probed in fp32 again and must reproduce its report's figure.
 
-    python benchmarks/mixed_precision.py --seeds 0-19 [--runs runs] [--report-only] [--reprobe]
+    python tools/mixed_precision.py --seeds 0-19 [--runs runs] [--report-only] [--reprobe]
 """
 from __future__ import annotations
 
