@@ -69,7 +69,7 @@ def earlier(tmp_path_factory) -> tuple[Path, list[str]]:
 
 
 @pytest.mark.slow
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=EXPLORE is None,
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=EXPLORE is None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(overrides=st.lists(st.tuples(st.sampled_from(KEYS), st.sampled_from(VALUES)), min_size=1, max_size=3),
        cut=st.one_of(st.none(), st.tuples(st.sampled_from(CUTS), st.floats(0.0, 0.99))))
