@@ -54,6 +54,10 @@ def test_tiny_lab_run_writes_a_complete_report(tmp_path, capsys):
     assert (out / "report.png").stat().st_size > 0 and "| crd |" in (out / "report.md").read_text()
     assert (out / "config.yaml").exists()
     assert report["threads"] == torch.get_num_threads() and report["torch"] == torch.__version__
+    # The teacher as stages record it keeps the keys folders of earlier versions hold, so they resume:
+    # teacher.probe (a report) and an unset teacher.num_classes are not part of it.
+    identity = json.loads((out / "stages" / "teacher" / "result.json").read_text())["identity"]
+    assert set(identity["teacher"]) == {"model", "checkpoint", "train"}
     # running again resumes: every stage is finished, so nothing trains and the numbers repeat
     first = (out / "report.json").read_text()
     assert main(["run", "lab-color-transfer", f"output_dir={out}", *TINY]) == 0

@@ -207,6 +207,11 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     record = to_dict(cfg)
     record["data"].pop("num_workers")  # workers change no result: not part of any stage's identity
     record["teacher"] = taught_by(record["teacher"], held)
+    # What the stages' identities hold of the teacher: not its probe (a report of it, not training),
+    # nor an unset num_classes, so folders written before these keys existed still resume.
+    record["teacher"].pop("probe")
+    if record["teacher"]["num_classes"] is None:
+        record["teacher"].pop("num_classes")
     shared = {"student": record["student"], "teacher": record["teacher"], "data": record["data"],
               "modality": record["modality"], "seed": cfg.seed}
 
