@@ -208,3 +208,17 @@ def formats() -> SimpleNamespace:
         nyu_frames=nyu_frames, stl_pattern=stl_pattern, write_stl_binary=write_stl_binary,
         cifar_rows=cifar_rows, dump=dump, cells=cells,
     )
+
+
+@pytest.fixture
+def error_line(capsys):
+    """``error_line()`` -> the one ``xmodal: error:`` line a command printed since the last call
+    (progress bars may share stderr), after checking there is exactly one and no traceback."""
+
+    def read() -> str:
+        err = capsys.readouterr().err
+        errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("xmodal: error:")]
+        assert len(errors) == 1 and "Traceback" not in err, err[-2000:]
+        return errors[0]
+
+    return read

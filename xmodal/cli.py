@@ -141,7 +141,7 @@ def run_recipe(recipe: str, overrides: list[str]) -> dict[str, Path]:
     combined = combine_seeds(reports, cfg.seeds)
     combined["config"] = to_dict(cfg)
     paths: dict[str, Path] = {}
-    if reports[0].get("processes", 1) == 1 or _is_main():
+    if _is_main():
         from xmodal.report import markdown, write_report
 
         paths = write_report(combined, output_dir, plotter=plot)
@@ -151,6 +151,7 @@ def run_recipe(recipe: str, overrides: list[str]) -> dict[str, Path]:
 
 
 def _is_main() -> bool:
+    """Whether this is the process that writes reports (the only one, when not launched)."""
     from accelerate.state import PartialState
 
     return PartialState().is_main_process

@@ -17,12 +17,14 @@ from xmodal.errors import ConfigError
 LOCK_NAME = ".xmodal.lock"
 
 
-def _holder(path: Path) -> str:
+def _busy(path: Path) -> ConfigError:
+    """The refusal of a folder whose lock ``path`` another live run holds, naming that run."""
     try:
-        text = path.read_text().strip()
+        holder = path.read_text().strip() or "another process"
     except OSError:
-        return "another process"
-    return text or "another process"
+        holder = "another process"
+    return ConfigError(f"output_dir {path.parent} is in use by another xmodal run ({holder}); wait for it to "
+                       "finish or choose another output_dir")
 
 
 class OutputLock:
@@ -42,8 +44,7 @@ class OutputLock:
             try:
                 fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise ConfigError(f"output_dir {folder} is in use by another xmodal run ({_holder(path)}); wait for "
-                                  "it to finish or choose another output_dir") from None
+                raise _busy(path) from None
             fcntl.flock(handle, fcntl.LOCK_UN)
 
     def acquire(self) -> None:
@@ -52,8 +53,7 @@ class OutputLock:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.close()
-            raise ConfigError(f"output_dir {self.path.parent} is in use by another xmodal run "
-                              f"({_holder(self.path)}); wait for it to finish or choose another output_dir") from None
+            raise _busy(self.path) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")

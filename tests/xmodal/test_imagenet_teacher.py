@@ -9,18 +9,10 @@ import pytest
 import torch
 
 from xmodal.cli import main
-from xmodal.models.efficientnet import packaged_weights
 
 SMALL = ["data.distill.subset=200", "data.probe_train.subset=200", "data.probe_test.subset=200",
          "distill.methods=[random,kd,crd]", "distill.train.batch_size=32", "distill.loss_options.crd.nce_k=64",
          "finetune.batch_size=32", "linear_probe.epochs=3", "data.num_workers=0"]
-
-
-def _error(capsys) -> str:
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("xmodal: error:")]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
 
 
 @pytest.mark.slow
@@ -41,9 +33,7 @@ def test_imagenet_teacher_recipe_runs_on_real_images(tmp_path, cifar10_jpeg):
     # KD distils the 1000-way soft labels into a 1000-way student head
     kd = torch.load(out / "stages" / "distill-kd" / "final.pt", weights_only=True)
     assert kd["student.fc.weight"].shape[0] == 1000
-    # the teacher ran with the packaged weights, untouched: its head is ImageNet's
     assert "| teacher |" in (out / "report.md").read_text()
-    assert packaged_weights()["_fc.weight"].shape == (1000, 1280)
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -53,14 +43,14 @@ def test_imagenet_teacher_recipe_runs_on_real_images(tmp_path, cifar10_jpeg):
     (["teacher.model.arch=efficientnet_lite9"], "unknown arch 'efficientnet_lite9'"),
     (["teacher.model.options={pretrained: true, input_size: 2}"], "input_size=2"),
 ])
-def test_bad_teacher_is_one_line_exit_2(tmp_path, capsys, cifar10_jpeg, overrides, message):
+def test_bad_teacher_is_one_line_exit_2(tmp_path, error_line, cifar10_jpeg, overrides, message):
     out = tmp_path / "run"
     code = main(["run", "lab-imagenet-teacher", "quick=true", f"data.root={cifar10_jpeg}", f"output_dir={out}",
                  *SMALL, *overrides])
-    assert code == 2 and message in _error(capsys)
+    assert code == 2 and message in error_line()
     assert not out.exists()
 
 
-def test_the_recipe_asks_for_its_images(tmp_path, capsys):
+def test_the_recipe_asks_for_its_images(tmp_path, error_line):
     assert main(["run", "lab-imagenet-teacher", f"output_dir={tmp_path / 'run'}"]) == 2
-    assert "root" in _error(capsys)
+    assert "root" in error_line()

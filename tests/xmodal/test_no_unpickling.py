@@ -54,36 +54,28 @@ def _digests(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _one_line(capsys) -> str:
-    """The run's error: one ``xmodal: error:`` line, no traceback (progress bars may precede it)."""
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("xmodal: error:")]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
-
-
-def test_a_planted_teacher_checkpoint_runs_nothing(tmp_path, capsys):
+def test_a_planted_teacher_checkpoint_runs_nothing(tmp_path, error_line):
     marker, planted = tmp_path / "ran", tmp_path / "teacher.pt"
     _plant(planted, marker)
     out = tmp_path / "run"
     code = main(["run", "lab-color-transfer", f"output_dir={out}", f"teacher.checkpoint={planted}", *TINY])
     assert code == 2 and not marker.exists()
-    assert "teacher checkpoint" in _one_line(capsys)
+    assert "teacher checkpoint" in error_line()
     assert not out.exists()
 
 
-def test_a_planted_ensemble_member_runs_nothing(tmp_path, capsys):
+def test_a_planted_ensemble_member_runs_nothing(tmp_path, error_line):
     marker, planted = tmp_path / "ran", tmp_path / "member.pt"
     _plant(planted, marker)
     out = tmp_path / "run"
     code = main(["run", "ensemble-cifar", f"output_dir={out}", f"teachers.members=[{{checkpoint: {planted}}}]",
                  "distill.n_teachers=[1]"])
     assert code == 2 and not marker.exists()
-    assert "member.pt" in _one_line(capsys)
+    assert "member.pt" in error_line()
 
 
 @pytest.mark.slow
-def test_planted_stage_files_run_nothing_and_touch_nothing(tmp_path, capsys):
+def test_planted_stage_files_run_nothing_and_touch_nothing(tmp_path, capsys, error_line):
     marker, out = tmp_path / "ran", tmp_path / "run"
     assert main(["run", "lab-color-transfer", f"output_dir={out}", *TINY]) == 0
     capsys.readouterr()
@@ -95,7 +87,7 @@ def test_planted_stage_files_run_nothing_and_touch_nothing(tmp_path, capsys):
         before = _digests(out)
         assert main(["run", "lab-color-transfer", f"output_dir={out}", *TINY]) == 2
         assert not marker.exists()
-        message = _one_line(capsys)
+        message = error_line()
         assert str(final) in message and "never unpickles code" in message and "delete" in message
         assert _digests(out) == before  # nothing else written, nothing removed
         final.write_bytes(kept)
@@ -104,7 +96,7 @@ def test_planted_stage_files_run_nothing_and_touch_nothing(tmp_path, capsys):
     _plant(fresh / "stages" / "teacher" / "checkpoint.pt", marker)
     assert main(["run", "lab-color-transfer", f"output_dir={fresh}", *TINY]) == 2
     assert not marker.exists()
-    assert "checkpoint.pt holds objects other than tensors" in _one_line(capsys)
+    assert "checkpoint.pt holds objects other than tensors" in error_line()
 
 
 def test_a_planted_cifar_batch_runs_nothing(cifar_root: Path, tmp_path):

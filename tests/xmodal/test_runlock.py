@@ -18,19 +18,15 @@ HOLD = ("import sys, time; from pathlib import Path; from xmodal.runlock import 
         "lock = OutputLock(Path(sys.argv[1])); lock.acquire(); print('held', flush=True); time.sleep(120)")
 
 
-def _errors(capsys) -> list[str]:
-    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("xmodal: error:")]
-
-
 @pytest.mark.slow
-def test_a_second_run_on_a_busy_folder_is_refused_and_a_dead_holder_frees_it(tmp_path, capsys):
+def test_a_second_run_on_a_busy_folder_is_refused_and_a_dead_holder_frees_it(tmp_path, error_line):
     out = tmp_path / "run"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         assert main(["run", "lab-color-transfer", f"output_dir={out}", *TINY]) == 2
-        (message,) = _errors(capsys)
+        message = error_line()
         assert f"output_dir {out} is in use by another xmodal run (pid {holder.pid} on" in message
         assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing written
     finally:

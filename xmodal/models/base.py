@@ -36,7 +36,6 @@ class Backbone(nn.Module, ABC):
         self.num_features = num_features
         self.build_kwargs: dict[str, Any] = {}
         self.fc: Optional[nn.Linear] = None
-        self.pretrained_head = False  # whether ``fc`` holds pretrained weights (adopt_classifier)
         self.reset_classifier(num_classes)
 
     @abstractmethod
@@ -65,7 +64,7 @@ class Backbone(nn.Module, ABC):
         like = next((p for name, p in self.named_parameters() if not name.startswith("fc.")), None)
         placement = {} if like is None else {"device": like.device, "dtype": like.dtype}
         self.num_classes = num_classes
-        self.pretrained_head = False
+        self.pretrained_head = False  # a new head is untrained; adopt_classifier marks a pretrained one
         self.fc = nn.Linear(self.num_features, num_classes, **placement) if num_classes else None
 
     def forward(self, x: Tensor, preact: bool = False) -> Features:

@@ -216,7 +216,7 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
               "modality": record["modality"], "seed": cfg.seed}
 
     def stages_of(method: str, student: nn.Module, teacher: nn.Module, part: _Unlabeled) -> list:
-        data = record["data"] if sizes is None else {**record["data"], "distill": to_dict(part.split)}
+        data = part.data_record(record["data"], sizes)
         return distill_stages(engine, method, student, teacher, part.dataset, views.teacher, views.student,
                               cfg.distill.train, weights=cfg.distill.weights, loss_options=cfg.distill.loss_options,
                               ce_weight=cfg.distill.ce_weight, init_cfg=cfg.distill.init_train,
@@ -282,7 +282,7 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
             timings[f"distill-{method}{tag}"] = time.perf_counter() - t0
             # The finetune stage's identity includes the distillation it starts from, all of it.
             distilled = stages[-1].config if stages else None
-            data = None if sizes is None else {**record["data"], "distill": to_dict(part.split)}
+            data = part.data_record(record["data"], sizes)
             judged = _judge(cfg, engine, method, student, probe_train, finetune_train, probe_test, views, num_classes,
                             record, distilled, timings, tag, data)
             if sizes is not None and method != "random":
@@ -306,6 +306,11 @@ class _Unlabeled:
     dataset: Dataset
     sample: Optional[dict] = None
 
+    def data_record(self, data: dict, sizes: Optional[list[int]]) -> dict:
+        """The recipe's data record as this set's stages record it: on the Figure 3 axis, with this
+        size in place of the list, so each size's stages keep their identity when the list grows."""
+        return data if sizes is None else {**data, "distill": to_dict(self.split)}
+
     def tag(self, sizes: Optional[list[int]]) -> str:
         """The suffix of its stages' names: none for a single set, ``-n<size>`` on the Figure 3 axis."""
         return "" if sizes is None else f"-n{self.split.subset}"
@@ -326,10 +331,9 @@ def _unlabeled(cfg: TransferConfig, part: UnlabeledSplit) -> _Unlabeled:
 
 
 def _judge(cfg, engine, method, student, probe_train, finetune_train, probe_test, views, num_classes, record,
-           distilled, timings, tag: str = "", data: Optional[dict] = None) -> list[dict[str, Any]]:
+           distilled, timings, tag: str, data: dict) -> list[dict[str, Any]]:
     """The linear probe and finetune rows of one student; ``tag`` ends its stages' names and
-    ``data`` is the data record of its finetune stage (the recipe's, unless it distilled on one of
-    several unlabeled sets)."""
+    ``data`` is the data record of its finetune stage."""
     rows = []
     if "linear_probe" in cfg.protocols:
         t0 = time.perf_counter()
@@ -341,7 +345,7 @@ def _judge(cfg, engine, method, student, probe_train, finetune_train, probe_test
         student.reset_classifier(num_classes)
         stage = supervised_stage(f"finetune-{method}{tag}", student, finetune_train, views.student, cfg.finetune,
                                   {"finetune": record["finetune"], "method": method,
-                                   "data": record["data"] if data is None else data,
+                                   "data": data,
                                    "distill": distilled, "teacher": record["teacher"],
                                    "student": record["student"], "seed": cfg.seed})
         result = engine.run(stage, lambda: {"top1": classify_top1(engine, student, probe_test, views.student,
