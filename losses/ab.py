@@ -33,7 +33,7 @@ def _connector(student_shape: Sequence[int], teacher_shape: Sequence[int]) -> nn
     return ConvReg(student_shape, teacher_shape, use_relu=False)
 
 
-@register("ab")
+@register("abound")
 class AB(MapPairsLoss):
     """Activation-boundary transfer, used (as in the reference) only to initialise the student.
 
@@ -58,6 +58,7 @@ class AB(MapPairsLoss):
     needs_init_stage = True
     init_stage_trains_student = True
     distill_after_init = False
+    needs_preact = True
     feature_name = "preact_maps[1:]"
 
     def __init__(

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Optional
 
+import torch
 from torch import Tensor, nn
 
 from losses.features import Features
@@ -33,6 +34,16 @@ class DistillLoss(nn.Module):
     #: FSP: the reference only uses them to initialise the student, so a loop may skip their
     #: ``forward_features`` after the first stage (it returns a graph-connected zero if called).
     distill_after_init: ClassVar[bool] = True
+    #: Whether the loss reads the networks' logits (KD): the student then needs a classifier over
+    #: the teacher's classes, and with several teachers it reads their averaged soft labels at the
+    #: loss's temperature ``T`` (an attribute every such loss has).
+    reads_logits: ClassVar[bool] = False
+    #: Whether the loss reads pre-activation maps (AB): the networks must return ``preact_maps``.
+    needs_preact: ClassVar[bool] = False
+    #: Whether the loss keeps memory banks with one row per training sample (CRD, InfoNCE): it is
+    #: built with ``n_data``, draws ``nce_k`` negatives among the other rows, takes a ``seed``
+    #: for its banks and sampler, and can fill its banks by one inference pass (:meth:`warm_start`).
+    memory_bank: ClassVar[bool] = False
 
     @classmethod
     def from_features(
@@ -60,6 +71,17 @@ class DistillLoss(nn.Module):
     ) -> Tensor:
         """The loss for one batch, read from the two networks' features."""
         raise NotImplementedError
+
+    @classmethod
+    def capped_options(cls, options: dict, n_data: int) -> dict:
+        """``options`` with what ``n_data`` training samples cannot supply lowered to what they can
+        (a memory bank's ``nce_k`` negatives to ``n_data - 1``); unchanged for other losses."""
+        return dict(options)
+
+    @torch.no_grad()
+    def warm_start(self, f_s: Tensor, f_t: Tensor, index: Tensor) -> None:
+        """Fill the memory-bank rows ``index`` with this batch's pooled features (``memory_bank`` losses)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no memory bank to warm-start")
 
     def diagnostics(self) -> dict[str, Tensor]:
         """Figures of the last forward worth watching during training (not part of the loss).

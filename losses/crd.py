@@ -20,6 +20,7 @@ Where it differs from the reference, deliberately:
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -92,6 +93,7 @@ class CRDLoss(DistillLoss):
     """
 
     default_weight = 0.8  # beta in RepDistiller's CIFAR runs (CE gamma = 1, KD alpha = 0)
+    memory_bank = True
 
     def __init__(
         self,
@@ -151,6 +153,13 @@ class CRDLoss(DistillLoss):
         if options.get("negatives", "uniform") == "class" and "labels" not in options:
             options["labels"] = labels
         return cls(student.pooled.shape[1], teacher.pooled.shape[1], n_data, **options)
+
+    @classmethod
+    def capped_options(cls, options: dict, n_data: int) -> dict:
+        """Negatives are drawn without replacement among the other rows, so at most ``n_data - 1``
+        (a set of 18 frames cannot supply the paper's K = 16384)."""
+        default = inspect.signature(CRDLoss.__init__).parameters["nce_k"].default
+        return {**options, "nce_k": min(int(options.get("nce_k", default)), n_data - 1)}
 
     def forward_features(self, student: Features, teacher: Features, index=None, labels=None) -> Tensor:
         return self(student.pooled, teacher.pooled, index, labels=labels)

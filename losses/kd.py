@@ -31,6 +31,7 @@ class KD(DistillLoss):
     """
 
     default_weight = 0.9
+    reads_logits = True
 
     def __init__(self, T: float = 4.0) -> None:
         super().__init__()

@@ -7,6 +7,8 @@ from typing import Callable, TypeVar
 from torch import nn
 
 _REGISTRY: dict[str, type[nn.Module]] = {}
+#: Former registry names and the name each loss has now.
+RENAMED = {"ab": "abound"}  # "ab" reads as the Lab modality's chrominance view
 
 T = TypeVar("T", bound=type)
 
@@ -34,6 +36,8 @@ def get(name: str) -> type[nn.Module]:
     try:
         return _REGISTRY[name]
     except KeyError:
+        if name in RENAMED:
+            raise ValueError(f"loss {name!r} is now registered as {RENAMED[name]!r}") from None
         near = difflib.get_close_matches(name, _REGISTRY, n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
         raise ValueError(f"unknown loss {name!r}{hint} Available: {', '.join(available())}") from None

@@ -91,13 +91,11 @@ def markdown(report: Mapping[str, Any]) -> str:
         shown = [_cell(cells.get((key, c)), spreads.get((key, c))) for c in columns]
         lines.append(f"| {_label(key)} | " + " | ".join(shown) + " |")
     lines.append("")
-    teacher = report.get("teacher") or {}
-    if teacher.get("arch"):
-        size = f" at {teacher['input_size']} px" if teacher.get("input_size") else ""
-        where = ("trained here" if teacher.get("trained_here", True) else
-                 "loaded from its checkpoint" if teacher.get("checkpoint_sha256") else "used as built")
-        scored = "" if teacher.get("top1") is None else f", top-1 {teacher['top1']:.2f}"
-        lines.append(f"- teacher: {teacher['arch']} on {teacher.get('view')}{size}, {where}{scored}")
+    members = (report.get("teachers") or {}).get("members") or []
+    described = [("teacher", report.get("teacher") or {})] + [(f"teacher-{i}", m) for i, m in enumerate(members)]
+    for name, teacher in described:
+        if teacher.get("arch"):
+            lines.append(f"- {name}: {_describe_teacher(teacher)}")
     for name, info in (report.get("extra") or {}).items():
         lines.append(f"- {name}: {info}")
     if report.get("timings"):
@@ -105,6 +103,14 @@ def markdown(report: Mapping[str, Any]) -> str:
         if total is not None:
             lines.append(f"- wall time: {total:.0f} s")
     return "\n".join(lines) + "\n"
+
+
+def _describe_teacher(teacher: Mapping[str, Any]) -> str:
+    size = f" at {teacher['input_size']} px" if teacher.get("input_size") else ""
+    where = ("trained here" if teacher.get("trained_here", True) else
+             "loaded from its checkpoint" if teacher.get("checkpoint_sha256") else "used as built")
+    scored = "" if teacher.get("top1") is None else f", top-1 {teacher['top1']:.2f}"
+    return f"{teacher['arch']} on {teacher.get('view')}{size}, {where}{scored}"
 
 
 def _cell(value: Optional[float], sd: Optional[float]) -> str:
@@ -115,11 +121,12 @@ def _cell(value: Optional[float], sd: Optional[float]) -> str:
 
 def plot(report: Mapping[str, Any], path: Path) -> None:
     """Grouped bars: one group per method, one bar per (protocol, metric); over several seeds,
-    the mean with a bar of ± one standard deviation. Rows on the Figure 3 axis (``n_unlabeled``)
-    are drawn as curves instead (:func:`plot_against_unlabeled`)."""
-    if any("n_unlabeled" in row for row in report["results"]):
-        plot_against_unlabeled(report, path)
-        return
+    the mean with a bar of ± one standard deviation. Rows along an axis (``n_unlabeled``: the
+    Figure 3 axis; ``n_teachers``) are drawn as curves instead (:func:`plot_against`)."""
+    for key in AXES:
+        if any(key in row for row in report["results"]):
+            plot_against(report, path, key)
+            return
     row_keys, columns, cells, spreads = pivot(report["results"])
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(row_keys) * max(1, len(columns)) / 1.5), 4.2))
     width = 0.8 / max(1, len(columns))
@@ -139,33 +146,38 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
     save_figure(fig, path)
 
 
-def plot_against_unlabeled(report: Mapping[str, Any], path: Path) -> None:
-    """The CRD paper's Figure 3: each protocol's top-1 against the number of unlabeled images the
-    student distilled on, one line per method (a band of ± one sd over seeds); methods that read
-    no unlabeled image (``random``, the teacher's own probe) as horizontal lines."""
+#: Row keys a figure can take as its x axis, and the axis label.
+AXES = {"n_unlabeled": "unlabeled images distilled on", "n_teachers": "number of teachers M"}
+
+
+def plot_against(report: Mapping[str, Any], path: Path, key: str) -> None:
+    """Each protocol's top-1 against ``key`` (one of :data:`AXES`), one line per method (a band of
+    ± one sd over seeds); rows without ``key`` (``random``, the teachers' own probes) as horizontal
+    lines. Against ``n_unlabeled`` this is the CRD paper's Figure 3, against ``n_teachers`` its Figure 4."""
     rows = report["results"]
     protocols = list(dict.fromkeys(r["protocol"] for r in rows))
     fig, axes = plt.subplots(1, len(protocols), figsize=(5.2 * len(protocols), 4.2), squeeze=False)
-    sizes = sorted({r["n_unlabeled"] for r in rows if "n_unlabeled" in r})
+    sizes = sorted({r[key] for r in rows if key in r})
     for ax, protocol in zip(axes[0], protocols):
         mine = [r for r in rows if r["protocol"] == protocol]
+        references = 0
         for method in dict.fromkeys(r["method"] for r in mine):
-            points = sorted((r.get("n_unlabeled"), r["value"], r.get("sd") or 0.0) for r in mine
-                            if r["method"] == method and "n_unlabeled" in r)
-            flat = [r for r in mine if r["method"] == method and "n_unlabeled" not in r]
+            points = sorted((r[key], r["value"], r.get("sd") or 0.0) for r in mine if r["method"] == method and key in r)
+            flat = [r for r in mine if r["method"] == method and key not in r]
             if points:
                 xs, ys, sds = zip(*points)
                 line, = ax.plot(xs, ys, "o-", label=method)
                 if any(sds):
                     ax.fill_between(xs, [y - e for y, e in zip(ys, sds)], [y + e for y, e in zip(ys, sds)],
                                     color=line.get_color(), alpha=0.15)
-            for row in flat:
+            for row in flat:  # colours from the end of the cycle, away from the curves'
+                references += method != "random"
                 ax.axhline(row["value"], linestyle="--" if method == "random" else ":",
-                           color="gray" if method == "random" else "black", label=method)
+                           color="gray" if method == "random" else f"C{(10 - references) % 10}", label=method)
         ax.set_xscale("log")
         ax.set_xticks(sizes, [str(n) for n in sizes])
         ax.minorticks_off()
-        ax.set_xlabel("unlabeled images distilled on")
+        ax.set_xlabel(AXES[key])
         ax.set_ylabel(f"{protocol} top-1 (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 import losses
 from losses import DistillLoss, Features
+from xmodal.distiller import Distiller
 from xmodal.config import to_dict
 from xmodal.engine import Engine, Stage
 from xmodal.errors import ConfigError
+from xmodal.modalities import Modality
 from xmodal.schema import TrainConfig
 
 @dataclass(frozen=True)
@@ -63,12 +63,6 @@ DEPRECATED: dict[str, tuple[Method, str]] = {
     "infonce_warm": (PRESETS["infonce"], "infonce, which it now is"),
 }
 _NOTED: set[str] = set()
-#: Losses that read the networks' logits: the student then needs the teacher's classifier shape.
-LOGIT_LOSSES = {"kd"}
-
-ViewFn = Callable[[Mapping[str, Tensor]], Tensor]
-
-
 def resolve_method(method: str, weights: Mapping[str, float], warm_start: bool = False) -> Method:
     """The terms and options of ``method``; ``weights`` overrides a loss's default weight.
 
@@ -83,6 +77,8 @@ def resolve_method(method: str, weights: Mapping[str, float], warm_start: bool =
             _NOTED.add(method)
             print(f"[xmodal] note: distillation method {method!r} is deprecated; use {now}", file=sys.stderr,
                   flush=True)
+    elif method in losses.registry.RENAMED:
+        raise ConfigError(f"distillation method {method!r} is now {losses.registry.RENAMED[method]!r}")
     elif method in losses.available():
         preset = Method({method: losses.get(method).default_weight})
     else:
@@ -104,68 +100,16 @@ def needs_logits(method: str) -> bool:
     """Whether the student must carry a classifier for ``method`` (KD reads logits)."""
     named = {**{name: spec for name, (spec, _) in DEPRECATED.items()}, **PRESETS}
     terms = named[method].terms if method in named else {method: 0.0}
-    return bool(LOGIT_LOSSES & set(terms))
-
-
-class DistillModule(nn.Module):
-    """The student and its criteria in one module, so DDP synchronises both.
-
-    ``forward(student_view, teacher_features, index, labels)`` returns the loss terms, each
-    already weighted, and their sum under ``"loss"``.
-    """
-
-    def __init__(self, student: nn.Module, criteria: Mapping[str, DistillLoss], weights: Mapping[str, float],
-                 ce_weight: float = 0.0) -> None:
-        super().__init__()
-        self.student = student
-        self.criteria = nn.ModuleDict(dict(criteria))
-        self.weights = dict(weights)
-        self.ce_weight = ce_weight
-        self.preact = any(name == "ab" for name in criteria)
-
-    def forward(self, student_view: Tensor, teacher: Features, index: Tensor, labels: Optional[Tensor]) -> dict[str, Tensor]:
-        student = self.student(student_view, preact=self.preact)
-        terms: dict[str, Tensor] = {}
-        watched: dict[str, Tensor] = {}  # logged beside the terms, never summed into the loss
-        if self.ce_weight and labels is not None and student.logits is not None and bool((labels >= 0).all()):
-            terms["ce"] = self.ce_weight * F.cross_entropy(student.logits, labels)
-        for name, criterion in self.criteria.items():
-            if self.weights[name]:
-                terms[name] = self.weights[name] * criterion.forward_features(student, teacher, index, labels)
-                watched.update({f"{name}_{key}": value for key, value in criterion.diagnostics().items()})
-        total = sum(terms.values()) if terms else student.pooled.sum() * 0.0
-        return {"loss": total, **terms, **watched}
-
-
-def build_criteria(terms: Mapping[str, float], student: nn.Module, teacher: nn.Module, student_in: Tensor,
-                   teacher_in: Tensor, n_data: int, labels: Optional[Tensor],
-                   options: Mapping[str, Mapping[str, Any]]) -> dict[str, DistillLoss]:
-    """Construct each loss for these networks from one batch of their features (eval mode)."""
-    preact = "ab" in terms
-    with torch.no_grad():
-        s_mode, t_mode = student.training, teacher.training
-        student.eval(), teacher.eval()
-        s_feats = student(student_in, preact=preact)
-        t_feats = teacher(teacher_in, preact=preact)
-        student.train(s_mode), teacher.train(t_mode)
-    criteria = {}
-    for name in terms:
-        cls = losses.get(name)
-        try:
-            criteria[name] = cls.from_features(s_feats, t_feats, n_data=n_data, labels=labels, **dict(options.get(name, {})))
-        except (TypeError, ValueError, OverflowError) as err:  # losses/ raises plain errors; name the recipe key
-            raise ConfigError(f"distill.loss_options.{name}: {err}") from None
-    return criteria
+    return any(losses.get(name).reads_logits for name in terms if name in losses.available())
 
 
 def distill_stages(
     engine: Engine,
     method: str,
     student: nn.Module,
-    teacher: nn.Module,
+    teachers: Sequence[tuple[nn.Module, str]],
+    modality: Modality,
     dataset: Dataset,
-    teacher_view: ViewFn,
-    student_view: ViewFn,
     cfg: TrainConfig,
     *,
     weights: Mapping[str, float],
@@ -177,7 +121,8 @@ def distill_stages(
     sample: Optional[Mapping[str, Tensor]] = None,
     tag: str = "",
 ) -> list[Stage]:
-    """The stages that distill ``teacher`` into ``student`` with ``method`` (first stage first).
+    """The stages that distill ``teachers`` (frozen, each with the view it reads) into ``student``
+    with ``method`` (first stage first); the student reads ``modality.student_view``.
 
     ``record`` is the part of the recipe that defines these stages (their checkpoint key).
     ``sample``: a batch of ``dataset`` on the device (:meth:`Engine.first_batch`), from which the losses
@@ -187,41 +132,37 @@ def distill_stages(
     spec = resolve_method(method, weights, warm_start)
     terms = spec.terms
     loss_options = method_loss_options(spec, loss_options)
+    first = [name for name in terms if losses.get(name).needs_init_stage]
+    if first and len(teachers) > 1:
+        raise ConfigError(f"distillation method {method!r}: {', '.join(first)} has a first stage that reads one "
+                          f"teacher, but {len(teachers)} teachers are given")
     sample = engine.first_batch(dataset) if sample is None else sample
-    student.to(engine.device), teacher.to(engine.device)
-    labels = getattr(dataset, "labels", None)
-    criteria = build_criteria(terms, student, teacher, student_view(sample), teacher_view(sample), len(dataset),
-                              labels, loss_options)
-    module = DistillModule(student, criteria, terms, ce_weight)
-
-    def teacher_features(batch) -> Features:
-        with torch.no_grad():
-            return teacher(teacher_view(batch), preact=module.preact).detach()
-
-    def step(wrapped: nn.Module, batch) -> dict[str, Tensor]:
-        labels_batch = batch.get("label")
-        return wrapped(student_view(batch), teacher_features(batch), batch["index"], labels_batch)
+    student.to(engine.device)
+    for teacher, _ in teachers:
+        teacher.to(engine.device)
+    distiller = Distiller.build(student, modality.student_view, teachers, modality, terms, sample, n_data=len(dataset),
+                                labels=getattr(dataset, "labels", None), options=loss_options, ce_weight=ce_weight)
 
     def on_epoch_start(epoch: int) -> None:
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
         if spec.warm_start and epoch == 0:
-            _warm_start_banks(engine, module, teacher_features, student_view, dataset)
+            distiller.warm_start(engine.batches(dataset, 256, "warm start"), engine.autocast)
 
     # A stage's identity holds everything that changes what it trains: the terms and their
     # weights, each term's loss options (K, temperature, momentum, ...), CE on labels, warm banks.
     record = {**dict(record), "method": method, "terms": terms, "warm_start": spec.warm_start, "ce_weight": ce_weight,
               "loss_options": {name: dict(loss_options.get(name, {})) for name in sorted(terms)}}
     stages = []
-    for name, criterion in criteria.items():
+    for name, criterion in distiller.criteria.items():
         if criterion.needs_init_stage:
-            stages.append(_init_stage(engine, f"{method}{tag}", name, criterion, module, teacher_features,
-                                      student_view, dataset, init_cfg or cfg, record))
+            stages.append(_init_stage(f"{method}{tag}", name, criterion, distiller, dataset, init_cfg or cfg, record))
             if not criterion.distill_after_init:
-                module.weights[name] = 0.0
+                distiller.weights[name] = 0.0
+    frozen = {"teacher": teachers[0][0]} if len(teachers) == 1 else {f"teacher_{i}": t for i, (t, _) in enumerate(teachers)}
     stages.append(Stage.on_schedule(
-        cfg, name=f"distill-{method}{tag}", module=module, step=step, dataset=dataset, config=record,
-        frozen={"teacher": teacher}, on_epoch_start=on_epoch_start,
+        cfg, name=f"distill-{method}{tag}", module=distiller, step=lambda wrapped, batch: wrapped(batch),
+        dataset=dataset, config=record, frozen=frozen, on_epoch_start=on_epoch_start,
     ))
     return stages
 
@@ -245,31 +186,17 @@ class InitStageModule(nn.Module):
         return {"loss": loss, f"{self.name}_init": loss}
 
 
-def _init_stage(engine: Engine, method: str, name: str, criterion: DistillLoss, module: DistillModule,
-                teacher_features, student_view: ViewFn, dataset: Dataset, cfg: TrainConfig,
-                record: Mapping[str, Any]) -> Stage:
+def _init_stage(method: str, name: str, criterion: DistillLoss, distiller: Distiller, dataset: Dataset,
+                cfg: TrainConfig, record: Mapping[str, Any]) -> Stage:
     """The first stage of AB / FT / FSP: train the student (AB, FSP) or the loss's modules (FT)."""
-    holder = InitStageModule(name, criterion, module.student, module.preact)
+    holder = InitStageModule(name, criterion, distiller.student, distiller.preact)
+
+    def step(wrapped: nn.Module, batch) -> dict[str, Tensor]:
+        student_in, taught = distiller.inputs(batch)
+        return wrapped(student_in, taught[0])
+
     return Stage.on_schedule(
-        cfg, name=f"distill-{method}-{name}-init", module=holder,
-        step=lambda wrapped, batch: wrapped(student_view(batch), teacher_features(batch)),
+        cfg, name=f"distill-{method}-{name}-init", module=holder, step=step,
         dataset=dataset, config={**dict(record), "init": name, "init_train": to_dict(cfg)},
         on_epoch_start=getattr(dataset, "set_epoch", None),
     )
-
-
-@torch.no_grad()
-def _warm_start_banks(engine: Engine, module: DistillModule, teacher_features, student_view: ViewFn,
-                      dataset: Dataset) -> None:
-    """Fill every CRD memory bank with one inference pass (DESIGN.md: removes the cold epoch)."""
-    banks = [c for c in module.criteria.values() if hasattr(c, "warm_start")]
-    if not banks:
-        return
-    module.student.eval()
-    for batch in engine.batches(dataset, 256, "warm start"):
-        with engine.autocast():
-            s = module.student(student_view(batch))
-            t = teacher_features(batch)
-        for critic in banks:
-            critic.warm_start(s.pooled, t.pooled, batch["index"])
-    module.student.train()

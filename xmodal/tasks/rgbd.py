@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+import losses
+
 from xmodal.config import to_dict
 from xmodal.data import build_dataset
 from xmodal.engine import Engine
@@ -40,8 +42,6 @@ from xmodal.tasks.segmentation import (
 from xmodal.tasks.subset import class_balanced_subset
 from xmodal.tasks.supervised import build_backbone, configured_model
 
-#: Critics with a memory bank: their ``nce_k`` negatives must exist among the other N - 1 rows.
-BANK_LOSSES = ("crd", "infonce")
 #: What each pretrained teacher's weights expect as input (``modality.options.rgb_norm``).
 TEACHER_RGB_NORM = {"efficientnet_lite0": "lite0"}
 
@@ -166,9 +166,9 @@ def bank_options(loss_options: dict[str, dict[str, Any]], n_data: int) -> dict[s
     the mini set) cannot supply the paper's K = 16384; the K in force is in the report.
     """
     options = {name: dict(values) for name, values in loss_options.items()}
-    for name in BANK_LOSSES:
-        entry = options.setdefault(name, {})
-        entry["nce_k"] = min(int(entry.get("nce_k", 16384)), n_data - 1)
+    for name in losses.available():
+        if losses.get(name).memory_bank:
+            options[name] = losses.get(name).capped_options(options.get(name, {}), n_data)
     return options
 
 
@@ -196,7 +196,7 @@ def run_rgbd(cfg: RGBDConfig, engine: Engine) -> dict[str, Any]:
     """Run every stage of an RGB -> depth recipe and return the report's content."""
     began = time.perf_counter()
     modality = modality_from_config(cfg.modality)
-    teacher_view, student_view = view_fn(modality, modality.teacher_view), view_fn(modality, modality.student_view)
+    student_view = view_fn(modality, modality.student_view)
 
     distill_set = _distill_set(cfg)
     seg_train, seg_test, split_info = segmentation_data(cfg)
@@ -224,7 +224,7 @@ def run_rgbd(cfg: RGBDConfig, engine: Engine) -> dict[str, Any]:
         student = build_backbone(cfg.student, modality.student_channels,
                                  cfg.teacher.num_classes if needs_logits(method) else 0, cfg.seed + 1)
         stages = [] if method == "random" else distill_stages(
-            engine, method, student, teacher, distill_set, teacher_view, student_view, cfg.distill.train,
+            engine, method, student, [(teacher, modality.teacher_view)], modality, distill_set, cfg.distill.train,
             weights=cfg.distill.weights, loss_options=loss_options, init_cfg=cfg.distill.init_train,
             warm_start=cfg.distill.warm_start, record=distill_key, sample=sample)
         for stage in stages:
@@ -276,7 +276,8 @@ def _extra(cfg: RGBDConfig, n_distill: int, loss_options: dict[str, dict[str, An
            per_class: dict[str, dict[str, Optional[float]]], classes: list[str]) -> dict[str, str]:
     """The report's context lines: data, split, K, and the per-class IoU of every row."""
     terms = {t for m in cfg.distill.methods for t in resolve_method(m, cfg.distill.weights).terms}
-    banks = ", ".join(f"{name} K = {loss_options[name]['nce_k']}" for name in BANK_LOSSES if name in terms)
+    banks = ", ".join(f"{name} K = {loss_options[name]['nce_k']}" for name in sorted(terms)
+                      if losses.get(name).memory_bank)
     extra = {
         "teacher": f"{cfg.teacher.model.arch} (frozen, RGB normalised '{cfg.modality.options.get('rgb_norm', 'imagenet')}')",
         "distillation": f"{n_distill} RGB-D frames of split '{cfg.data.distill.split}', no labels"

@@ -2,11 +2,14 @@
 
 Stages, each resumable and skipped when an earlier run in the same ``output_dir`` finished it:
 
-1. teacher: trained with labels on the teacher view (e.g. L), or loaded from a checkpoint;
-   its top-1 on the test split is reported;
+1. teacher: trained with labels on the teacher view (e.g. L), loaded from a checkpoint, or used
+   as built (ImageNet weights); its top-1 on the test split is reported where its classes are
+   the data's. A ``teachers`` list gives several (``teacher-<i>``), each on its own view;
 2. distill-<method>: for each method, a fresh student (same seed, so every method starts from
    the same weights) learns from the frozen teacher on the distillation split, without labels
-   unless ``distill.ce_weight`` > 0; ``random`` trains nothing;
+   unless ``distill.ce_weight`` > 0; ``random`` trains nothing. With a ``teachers`` list,
+   ``distill-<method>-m<M>`` for each M of ``distill.n_teachers`` learns from the first M
+   (:class:`xmodal.distiller.Distiller`: one critic per teacher, KD from averaged soft labels);
 3. each student is judged on the student view (e.g. ab) by a linear probe on its frozen pooled
    features and by finetuning the whole network with labels.
 """
@@ -23,9 +26,9 @@ from torch.utils.data import Dataset
 from xmodal.config import to_dict
 from xmodal.engine import Engine
 from xmodal.errors import ConfigError
-from xmodal.modalities import Modality, modality_from_config
+from xmodal.modalities import Modality, modality_from_config, view_fn
 from xmodal.models import save_backbone
-from xmodal.models.checkpoint import load_weights_into, open_checkpoint, taught_by
+from xmodal.models.checkpoint import CheckpointFile, load_weights_into, open_checkpoint, taught_by
 from xmodal.schema import (ImageDataConfig, ModalityConfig, ModelConfig, OptimConfig, RunConfig, SplitConfig,
                            TrainConfig, check_same_classes)
 from xmodal.tasks.distill import distill_stages, needs_logits
@@ -63,6 +66,7 @@ class TeacherSection:
 
     ``num_classes``: the classifier of a teacher used as built (1000 keeps an ImageNet head, whose
     soft labels KD distils); ``None`` takes the teacher split's classes.
+    ``view``: the view of the batch it reads (``None``: ``modality.teacher_view``).
     ``probe``: also report a linear probe on the teacher's own features of its view of the probe
     data (a row ``teacher``): the ceiling of what its representation tells about the probe's classes.
     """
@@ -72,6 +76,7 @@ class TeacherSection:
     train: TrainConfig = field(default_factory=TrainConfig)
     num_classes: Optional[int] = None
     probe: bool = False
+    view: Optional[str] = None
 
 
 @dataclass
@@ -85,6 +90,7 @@ class DistillSection:
     loss_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     ce_weight: float = 0.0
     warm_start: bool = False
+    n_teachers: Optional[list[int]] = None
 
 
 @dataclass
@@ -95,6 +101,7 @@ class TransferConfig(RunConfig):
     data: DataSection = field(default_factory=DataSection)
     modality: ModalityConfig = field(default_factory=ModalityConfig)
     teacher: TeacherSection = field(default_factory=TeacherSection)
+    teachers: list[TeacherSection] = field(default_factory=list)
     student: ModelConfig = field(default_factory=ModelConfig)
     distill: DistillSection = field(default_factory=DistillSection)
     protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
@@ -106,7 +113,18 @@ class TransferConfig(RunConfig):
         if unknown:
             raise ConfigError(f"protocols: unknown {unknown}; expected a subset of {list(PROTOCOLS)}")
         check_same_classes(self.data.probe_train, "data.probe_train", self.data.probe_test, "data.probe_test")
+        counts = self.distill.n_teachers
+        if self.teachers and self.teacher != TeacherSection():
+            raise ConfigError("teacher and teachers are both set; give one teacher under teacher, several under teachers")
+        if counts is not None:
+            if not self.teachers:
+                raise ConfigError("distill.n_teachers counts teachers of a teachers list; list them under teachers")
+            if not counts or min(counts) < 1 or len(set(counts)) != len(counts):
+                raise ConfigError(f"distill.n_teachers={counts}: expected distinct teacher counts >= 1")
         sizes = self.data.distill.subset
+        if isinstance(sizes, list) and counts is not None and len(counts) > 1:
+            raise ConfigError("data.distill.subset lists sizes and distill.n_teachers several counts; "
+                              "vary one of the two in a run")
         if isinstance(sizes, list) and (not sizes or min(sizes) < 1 or len(set(sizes)) != len(sizes)):
             raise ConfigError(f"data.distill.subset={sizes}: expected distinct positive sizes")
 
@@ -125,31 +143,123 @@ def _num_classes(dataset: Dataset, role: str, part: SplitConfig) -> int:
 
 
 # -------------------------------------------------------------------- stages
-class _Views:
-    """Teacher and student views of a batch through one adapter, converted once per batch.
+@dataclass
+class _Teacher:
+    """One teacher of the run, resolved before anything trains: how it is obtained, what it reads,
+    the classes it predicts, and what a student it teaches records of it."""
 
-    A distillation step asks for both views of the same batch; the second request is served
-    from the first conversion.
-    """
+    section: TeacherSection
+    position: Optional[int]          # None: the recipe's single ``teacher``; i: ``teachers[i]``
+    view: str
+    held: Optional[CheckpointFile]
+    as_built: bool
+    train_set: Optional[Dataset]
+    identity: dict[str, Any]
+    classes: int = 0
+    test_set: Optional[Dataset] = None
+    scored: bool = False
+    module: Optional[nn.Module] = None
 
-    def __init__(self, modality: Modality) -> None:
-        self.modality = modality
-        self._last: tuple[Any, dict] = (None, {})
+    @property
+    def name(self) -> str:
+        return "teacher" if self.position is None else f"teacher-{self.position}"
 
-    def _both(self, batch) -> dict:
-        # Holding the image itself (not its id) keeps the cache from matching a new tensor
-        # that happens to reuse a freed one's address.
-        image = batch["image"]
-        if self._last[0] is not image:
-            m = self.modality
-            self._last = (image, m.views(batch, [m.teacher_view, m.student_view]))
-        return self._last[1]
+    @property
+    def key(self) -> str:
+        return "teacher" if self.position is None else f"teachers[{self.position}]"
 
-    def teacher(self, batch):
-        return self._both(batch)[self.modality.teacher_view]
+    def build(self, cfg: TransferConfig, modality: Modality) -> nn.Module:
+        return build_backbone(self.section.model, modality.channels[self.view], self.classes,
+                              cfg.seed + (self.position or 0))
 
-    def student(self, batch):
-        return self._both(batch)[self.modality.student_view]
+
+def _resolve_teacher(cfg: TransferConfig, modality: Modality, section: TeacherSection,
+                     position: Optional[int]) -> _Teacher:
+    """Check one teacher's settings and open the split it trains on; nothing is trained or loaded yet."""
+    d = cfg.data
+    key = "teacher" if position is None else f"teachers[{position}]"
+    view = section.view or modality.teacher_view
+    if view not in modality.channels:
+        raise ConfigError(f"{key}.view={view!r} is not a view of modality {modality.name!r}; "
+                          f"expected one of {sorted(modality.channels)}")
+    # Read once: its classifier, the sha256 the students record and the weights loaded are one file's.
+    held = open_checkpoint(section.checkpoint, role=key) if section.checkpoint else None
+    as_built = held is None and section.train.epochs == 0
+    if as_built and not section.model.options.get("pretrained"):
+        raise ConfigError(f"{key}.train.epochs=0 with no {key}.checkpoint leaves the teacher untrained; "
+                          f"set {key}.model.options.pretrained=true, give a {key}.checkpoint, or train it")
+    if section.num_classes is not None and not as_built:
+        raise ConfigError(f"{key}.num_classes is for a teacher used as built ({key}.train.epochs=0); a trained "
+                          "teacher takes its split's classes, a checkpoint its own")
+    # A teacher used as built with its own classifier size reads no teacher split.
+    train_set = None if as_built and section.num_classes is not None else open_split(
+        d, d.teacher, cfg.seed, augment=True, labeled=True, role="teacher")
+    # What the stages' identities hold of the teacher: not its probe (a report of it, not
+    # training), nor an unset num_classes or view, so folders written before these keys existed resume.
+    identity = taught_by(to_dict(section), held)
+    identity.pop("probe")
+    for unset in ("num_classes", "view"):
+        if identity[unset] is None:
+            identity.pop(unset)
+    return _Teacher(section, position, view, held, as_built, train_set, identity)
+
+
+def _score_on(cfg: TransferConfig, t: _Teacher, probe_test: Dataset) -> None:
+    """The classes ``t`` predicts and the test split it is scored on, when its classes are the data's."""
+    d, section, key = cfg.data, t.section, t.key
+    # The teacher is scored on the probe's test split in its own label space: cut to
+    # data.teacher.classes (or whole), whatever classes the probe reads.
+    part = replace(d.probe_test, classes=d.teacher.classes)
+    t.test_set = probe_test if part == d.probe_test else open_split(d, part, cfg.seed, augment=False, labeled=True,
+                                                                    role="teacher")
+    if t.held is not None:  # its classifier decides; load_weights_into checks the rest
+        t.classes = int(t.held.payload["num_classes"])
+    elif t.train_set is None:
+        t.classes = section.num_classes
+    else:
+        t.classes = _num_classes(t.train_set, "teacher", d.teacher)
+    # A checkpoint of another dataset's label set (say 1,000 classes) still teaches, but its
+    # top-1 here would compare its classes with ours: it is not scored. Classes named in
+    # data.teacher.classes must be the ones it classifies.
+    t.scored = t.classes == len(t.test_set.classes)
+    if not t.scored and d.teacher.classes is not None:
+        raise ConfigError(f"{key}.checkpoint={section.checkpoint} classifies {t.classes} classes, "
+                          f"but data.teacher.classes lists {len(d.teacher.classes)}")
+
+
+def _ready_teacher(cfg: TransferConfig, engine: Engine, modality: Modality, t: _Teacher, record: dict,
+                   timings: dict[str, float]) -> dict[str, Any]:
+    """Train, load or take ``t`` as built, freeze it, and return its report entry."""
+    teacher = t.module = t.build(cfg, modality)
+    view = view_fn(modality, t.view)
+    if t.as_built and teacher.fc is not None and not getattr(teacher, "pretrained_head", False):
+        # KD would distil the soft labels of a classifier nobody trained
+        raise ConfigError(f"{t.key}.num_classes={t.classes}: {t.section.model.arch}'s pretrained "
+                          f"classifier has another number of classes (an ImageNet head: 1000), and a teacher "
+                          f"used as built ({t.key}.train.epochs=0) cannot train a new one")
+    if t.held is not None or t.as_built:
+        if t.held is not None:
+            load_weights_into(teacher, t.held, role=t.key)
+        teacher.to(engine.device)
+        result = {"top1": classify_top1(engine, teacher, t.test_set, view, desc=f"{t.name} test")
+                  if t.scored else None}
+    else:
+        stage = supervised_stage(t.name, teacher, t.train_set, view, t.section.train,
+                                 {"teacher": t.identity, "data": record["data"], "seed": cfg.seed + (t.position or 0),
+                                  "modality": record["modality"]})
+        result = engine.run(stage, lambda: {"top1": classify_top1(engine, teacher, t.test_set, view,
+                                                                 desc=f"{t.name} test")})
+        timings[t.name] = result.get("seconds", 0.0)
+        # reusable as teacher.checkpoint=<output_dir>/teacher.pt (teachers/teacher-<i>.pt in a pool)
+        exported = engine.output_dir / ("teacher.pt" if t.position is None else f"teachers/{t.name}.pt")
+        if engine.is_main and not exported.exists():
+            exported.parent.mkdir(parents=True, exist_ok=True)
+            save_backbone(exported, teacher)
+    teacher.eval().requires_grad_(False)
+    return {"top1": result["top1"], "view": t.view, "arch": t.section.model.arch,
+            "input_size": getattr(teacher, "input_size", None), "trained_here": not (t.as_built or t.held),
+            "classes": t.test_set.classes if t.scored else None,
+            "checkpoint_sha256": t.identity.get("checkpoint_sha256")}
 
 
 def build_student(cfg: TransferConfig, modality: Modality, method: str, teacher_classes: int) -> nn.Module:
@@ -163,139 +273,109 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     """Run every stage of a transfer recipe and return the report's content."""
     began = time.perf_counter()
     modality = modality_from_config(cfg.modality)
-    views = _Views(modality)
+    student_view = view_fn(modality, modality.student_view)
     d = cfg.data
-    # Read once: its classifier, the sha256 the students record and the weights loaded are one file's.
-    held = open_checkpoint(cfg.teacher.checkpoint, role="teacher") if cfg.teacher.checkpoint else None
-    as_built = held is None and cfg.teacher.train.epochs == 0
-    if as_built and not cfg.teacher.model.options.get("pretrained"):
-        raise ConfigError("teacher.train.epochs=0 with no teacher.checkpoint leaves the teacher untrained; "
-                          "set teacher.model.options.pretrained=true, give a teacher.checkpoint, or train it")
-    if cfg.teacher.num_classes is not None and not as_built:
-        raise ConfigError("teacher.num_classes is for a teacher used as built (teacher.train.epochs=0); a trained "
-                          "teacher takes its split's classes, a checkpoint its own")
-    # A teacher used as built with its own classifier size reads no teacher split.
-    teacher_train = None if as_built and cfg.teacher.num_classes is not None else open_split(
-        d, d.teacher, cfg.seed, augment=True, labeled=True, role="teacher")
+    pool = [_resolve_teacher(cfg, modality, section, i) for i, section in enumerate(cfg.teachers)] \
+        if cfg.teachers else [_resolve_teacher(cfg, modality, cfg.teacher, None)]
     probe_train = open_split(d, d.probe_train, cfg.seed, augment=False, labeled=True, role="probe_train")
     finetune_train = open_split(d, d.probe_train, cfg.seed, augment=True, labeled=True, role="probe_train")
     probe_test = open_split(d, d.probe_test, cfg.seed, augment=False, labeled=True, role="probe_test")
     num_classes = _num_classes(probe_train, "probe_train", d.probe_train)
     check_classifiable(probe_train, probe_test, "data.probe_train", "data.probe_test")
+    counts = _teacher_counts(cfg, len(pool))
     sizes = d.distill.subset if isinstance(d.distill.subset, list) else None
     unlabeled = [_unlabeled(cfg, part) for part in
                  ([d.distill] if sizes is None else [replace(d.distill, subset=n) for n in sorted(sizes)])]
-    # The teacher is scored on the probe's test split in its own label space: cut to
-    # data.teacher.classes (or whole), whatever classes the probe reads.
-    teacher_part = replace(d.probe_test, classes=d.teacher.classes)
-    teacher_test = probe_test if teacher_part == d.probe_test else open_split(
-        d, teacher_part, cfg.seed, augment=False, labeled=True, role="teacher")
-    if held is not None:  # its classifier decides; load_weights_into checks the rest
-        teacher_classes = int(held.payload["num_classes"])
-    elif teacher_train is None:
-        teacher_classes = cfg.teacher.num_classes
-    else:
-        teacher_classes = _num_classes(teacher_train, "teacher", d.teacher)
-    # A checkpoint of another dataset's label set (say 1,000 classes) still teaches, but its
-    # top-1 here would compare its classes with ours: it is not scored. Classes named in
-    # data.teacher.classes must be the ones it classifies.
-    scored = teacher_classes == len(teacher_test.classes)
-    if not scored and d.teacher.classes is not None:
-        raise ConfigError(f"teacher.checkpoint={cfg.teacher.checkpoint} classifies {teacher_classes} classes, "
-                          f"but data.teacher.classes lists {len(d.teacher.classes)}")
+    for t in pool:
+        _score_on(cfg, t, probe_test)
+    classes = pool[0].classes
     timings: dict[str, float] = {}
     record = to_dict(cfg)
     record["data"].pop("num_workers")  # workers change no result: not part of any stage's identity
-    record["teacher"] = taught_by(record["teacher"], held)
-    # What the stages' identities hold of the teacher: not its probe (a report of it, not training),
-    # nor an unset num_classes, so folders written before these keys existed still resume.
-    record["teacher"].pop("probe")
-    if record["teacher"]["num_classes"] is None:
-        record["teacher"].pop("num_classes")
-    shared = {"student": record["student"], "teacher": record["teacher"], "data": record["data"],
-              "modality": record["modality"], "seed": cfg.seed}
+    shared = {"student": record["student"], "data": record["data"], "modality": record["modality"], "seed": cfg.seed}
 
-    def stages_of(method: str, student: nn.Module, teacher: nn.Module, part: _Unlabeled) -> list:
+    def stages_of(method: str, student: nn.Module, teachers: list[nn.Module], part: _Unlabeled) -> list:
         data = part.data_record(record["data"], sizes)
-        return distill_stages(engine, method, student, teacher, part.dataset, views.teacher, views.student,
-                              cfg.distill.train, weights=cfg.distill.weights, loss_options=cfg.distill.loss_options,
-                              ce_weight=cfg.distill.ce_weight, init_cfg=cfg.distill.init_train,
-                              warm_start=cfg.distill.warm_start, sample=part.sample, tag=part.tag(sizes),
-                              record={**shared, "data": data, "distill": record["distill"]["train"]})
+        # One teacher: recorded as ``teacher``, as single-teacher runs always were; several: the list.
+        taught = {"teacher": pool[0].identity} if not cfg.teachers else \
+            {"teachers": [t.identity for t in pool[:len(teachers)]]}
+        return distill_stages(engine, method, student, [(t, p.view) for t, p in zip(teachers, pool)], modality,
+                              part.dataset, cfg.distill.train, weights=cfg.distill.weights,
+                              loss_options=cfg.distill.loss_options, ce_weight=cfg.distill.ce_weight,
+                              init_cfg=cfg.distill.init_train, warm_start=cfg.distill.warm_start, sample=part.sample,
+                              tag=_tag(cfg, len(teachers)) + part.tag(sizes),
+                              record={**shared, **taught, "data": data, "distill": record["distill"]["train"]})
 
     for part in unlabeled:  # the losses read feature shapes from a first batch
         part.sample = engine.first_batch(part.dataset)
 
-    # Build every method's losses once before anything trains (on an untrained copy of the
-    # teacher): a bad loss option or a K the distillation set cannot supply fails in seconds,
-    # not after the teacher and the methods before it. The global RNG is left as it was.
+    # Build every method's losses once before anything trains (on untrained copies of the
+    # teachers): a bad loss option or a K the distillation set cannot supply fails in seconds,
+    # not after the teachers and the methods before it. The global RNG is left as it was.
     with torch.random.fork_rng(devices=[]):
-        scratch_teacher = build_backbone(cfg.teacher.model, modality.teacher_channels, teacher_classes, cfg.seed)
+        scratch = [t.build(cfg, modality) for t in pool[:counts[-1]]]
         for part in unlabeled:
-            for method in cfg.distill.methods:
-                if method != "random":
-                    stages_of(method, build_student(cfg, modality, method, teacher_classes), scratch_teacher, part)
-        del scratch_teacher
+            for m in counts:
+                for method in cfg.distill.methods:
+                    if method != "random":
+                        stages_of(method, build_student(cfg, modality, method, classes), scratch[:m], part)
+        del scratch
 
-    # 1. teacher
-    teacher = build_backbone(cfg.teacher.model, modality.teacher_channels, teacher_classes, cfg.seed)
-    if as_built and teacher.fc is not None and not getattr(teacher, "pretrained_head", False):
-        # KD would distil the soft labels of a classifier nobody trained
-        raise ConfigError(f"teacher.num_classes={teacher_classes}: {cfg.teacher.model.arch}'s pretrained "
-                          f"classifier has another number of classes (an ImageNet head: 1000), and a teacher "
-                          "used as built (teacher.train.epochs=0) cannot train a new one")
-    if held is not None or as_built:
-        if held is not None:
-            load_weights_into(teacher, held, role="teacher")
-        teacher.to(engine.device)
-        teacher_result = {"top1": classify_top1(engine, teacher, teacher_test, views.teacher, desc="teacher test")
-                          if scored else None}
-    else:
-        stage = supervised_stage("teacher", teacher, teacher_train, views.teacher, cfg.teacher.train,
-                                  {"teacher": record["teacher"], "data": record["data"], "seed": cfg.seed,
-                                   "modality": record["modality"]})
-        teacher_result = engine.run(stage, lambda: {"top1": classify_top1(engine, teacher, teacher_test, views.teacher,
-                                                                         desc="teacher test")})
-        timings["teacher"] = teacher_result.get("seconds", 0.0)
-        exported = engine.output_dir / "teacher.pt"  # reusable as teacher.checkpoint=<output_dir>/teacher.pt
-        if engine.is_main and not exported.exists():
-            save_backbone(exported, teacher)
-    teacher.eval().requires_grad_(False)
+    # 1. the teachers
+    reports = [_ready_teacher(cfg, engine, modality, t, record, timings) for t in pool[:counts[-1]]]
 
     rows = []
-    if cfg.teacher.probe:
-        t0 = time.perf_counter()
-        result = linear_probe(engine, teacher, probe_train, probe_test, views.teacher, num_classes, cfg.linear_probe,
-                              seed=cfg.seed, name="probe-teacher")
-        timings["probe-teacher"] = time.perf_counter() - t0
-        rows.append({"method": "teacher", "protocol": "linear_probe", "metric": "top1", "value": result["top1"]})
-    for part in unlabeled:
-        for method in cfg.distill.methods:
-            if method == "random" and part is not unlabeled[0]:
-                continue  # reads no unlabeled image: one row for every size
-            tag = "" if method == "random" else part.tag(sizes)
+    for t in pool[:counts[-1]]:
+        if t.section.probe:
             t0 = time.perf_counter()
-            student = build_student(cfg, modality, method, teacher_classes)
-            stages = stages_of(method, student, teacher, part) if method != "random" else []
-            for stage in stages:
-                engine.run(stage)
-            timings[f"distill-{method}{tag}"] = time.perf_counter() - t0
-            # The finetune stage's identity includes the distillation it starts from, all of it.
-            distilled = stages[-1].config if stages else None
-            data = part.data_record(record["data"], sizes)
-            judged = _judge(cfg, engine, method, student, probe_train, finetune_train, probe_test, views, num_classes,
-                            record, distilled, timings, tag, data)
-            if sizes is not None and method != "random":
-                judged = [{**row, "n_unlabeled": len(part.dataset)} for row in judged]
-            rows.extend(judged)
-    return {
-        "results": rows,
-        "teacher": {"top1": teacher_result["top1"], "view": modality.teacher_view, "arch": cfg.teacher.model.arch,
-                    "input_size": getattr(teacher, "input_size", None), "trained_here": not (as_built or held),
-                    "classes": teacher_test.classes if scored else None,
-                    "checkpoint_sha256": record["teacher"].get("checkpoint_sha256")},
-        "timings": {**timings, "total": time.perf_counter() - began},
-    }
+            result = linear_probe(engine, t.module, probe_train, probe_test, view_fn(modality, t.view), num_classes,
+                                  cfg.linear_probe, seed=cfg.seed, name=f"probe-{t.name}")
+            timings[f"probe-{t.name}"] = time.perf_counter() - t0
+            rows.append({"method": t.name, "protocol": "linear_probe", "metric": "top1", "value": result["top1"]})
+    teachers = [t.module for t in pool]
+    for part in unlabeled:
+        for m in counts:
+            for method in cfg.distill.methods:
+                if method == "random" and (part is not unlabeled[0] or m != counts[0]):
+                    continue  # reads no unlabeled image and no teacher: one row for every size and M
+                tag = "" if method == "random" else _tag(cfg, m) + part.tag(sizes)
+                t0 = time.perf_counter()
+                student = build_student(cfg, modality, method, classes)
+                stages = stages_of(method, student, teachers[:m], part) if method != "random" else []
+                for stage in stages:
+                    engine.run(stage)
+                timings[f"distill-{method}{tag}"] = time.perf_counter() - t0
+                # The finetune stage's identity includes the distillation it starts from, all of it.
+                distilled = stages[-1].config if stages else None
+                data = part.data_record(record["data"], sizes)
+                judged = _judge(cfg, engine, method, student, probe_train, finetune_train, probe_test, student_view,
+                                num_classes, record, pool[0].identity, distilled, timings, tag, data)
+                extra = {}
+                if sizes is not None and method != "random":
+                    extra["n_unlabeled"] = len(part.dataset)
+                if cfg.teachers and method != "random":
+                    extra["n_teachers"] = m
+                rows.extend({**row, **extra} for row in judged)
+    report = {"results": rows, "timings": {**timings, "total": time.perf_counter() - began}}
+    if cfg.teachers:
+        report["teachers"] = {"members": reports}
+    else:
+        report["teacher"] = reports[0]
+    return report
+
+
+def _tag(cfg: TransferConfig, m: int) -> str:
+    """The stage-name suffix of a distillation from ``m`` teachers of a ``teachers`` list."""
+    return f"-m{m}" if cfg.teachers else ""
+
+
+def _teacher_counts(cfg: TransferConfig, pool: int) -> list[int]:
+    """The numbers of teachers M the students distil from: ``distill.n_teachers``, or the whole pool."""
+    counts = sorted(cfg.distill.n_teachers or [pool])
+    if counts[-1] > pool:
+        raise ConfigError(f"distill.n_teachers asks for {counts[-1]} teachers but teachers lists {pool}; "
+                          "add teachers or lower distill.n_teachers")
+    return counts
 
 
 @dataclass
@@ -330,25 +410,25 @@ def _unlabeled(cfg: TransferConfig, part: UnlabeledSplit) -> _Unlabeled:
     return _Unlabeled(part, dataset)
 
 
-def _judge(cfg, engine, method, student, probe_train, finetune_train, probe_test, views, num_classes, record,
-           distilled, timings, tag: str, data: dict) -> list[dict[str, Any]]:
+def _judge(cfg, engine, method, student, probe_train, finetune_train, probe_test, view, num_classes, record,
+           teacher: dict, distilled, timings, tag: str, data: dict) -> list[dict[str, Any]]:
     """The linear probe and finetune rows of one student; ``tag`` ends its stages' names and
     ``data`` is the data record of its finetune stage."""
     rows = []
     if "linear_probe" in cfg.protocols:
         t0 = time.perf_counter()
-        result = linear_probe(engine, student, probe_train, probe_test, views.student, num_classes,
+        result = linear_probe(engine, student, probe_train, probe_test, view, num_classes,
                               cfg.linear_probe, seed=cfg.seed, name=f"probe-{method}{tag}")
         timings[f"probe-{method}{tag}"] = time.perf_counter() - t0
         rows.append({"method": method, "protocol": "linear_probe", "metric": "top1", "value": result["top1"]})
     if "finetune" in cfg.protocols:
         student.reset_classifier(num_classes)
-        stage = supervised_stage(f"finetune-{method}{tag}", student, finetune_train, views.student, cfg.finetune,
+        stage = supervised_stage(f"finetune-{method}{tag}", student, finetune_train, view, cfg.finetune,
                                   {"finetune": record["finetune"], "method": method,
                                    "data": data,
-                                   "distill": distilled, "teacher": record["teacher"],
+                                   "distill": distilled, "teacher": teacher,
                                    "student": record["student"], "seed": cfg.seed})
-        result = engine.run(stage, lambda: {"top1": classify_top1(engine, student, probe_test, views.student,
+        result = engine.run(stage, lambda: {"top1": classify_top1(engine, student, probe_test, view,
                                                                  desc=f"finetune-{method}{tag} test")})
         timings[f"finetune-{method}{tag}"] = result.get("seconds", 0.0)
         rows.append({"method": method, "protocol": "finetune", "metric": "top1", "value": result["top1"]})
