@@ -9,14 +9,15 @@ import difflib
 from xmodal.errors import ConfigError
 from xmodal.modalities.base import Modality, view_fn
 from xmodal.modalities.depth import DepthModality
+from xmodal.modalities.edges import EdgesModality
 from xmodal.modalities.identity import IdentityModality
 from xmodal.modalities.lab import LabModality
 
-MODALITIES: dict[str, type[Modality]] = {m.name: m for m in (LabModality, DepthModality, IdentityModality)}
+MODALITIES: dict[str, type[Modality]] = {m.name: m for m in (LabModality, DepthModality, EdgesModality, IdentityModality)}
 
 
 def build_modality(name: str, **options) -> Modality:
-    """The adapter registered as ``name`` (``lab``, ``depth``, ``identity``)."""
+    """The adapter registered as ``name`` (``lab``, ``depth``, ``edges``, ``identity``)."""
     if name not in MODALITIES:
         near = difflib.get_close_matches(name, MODALITIES, n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
@@ -30,4 +31,4 @@ def modality_from_config(config) -> Modality:
                           **config.options)
 
 
-__all__ = ["Modality", "MODALITIES", "build_modality", "modality_from_config", "view_fn", "LabModality", "DepthModality", "IdentityModality"]
+__all__ = ["Modality", "MODALITIES", "build_modality", "modality_from_config", "view_fn", "LabModality", "DepthModality", "EdgesModality", "IdentityModality"]
