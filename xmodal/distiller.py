@@ -49,13 +49,14 @@ class Distiller(nn.Module):
 
     The teachers stay outside the module tree: they neither train nor enter a checkpoint, and
     DDP synchronises the student and the criteria only. ``criteria`` are keyed by term name
-    (:func:`term_names`); ``weights`` by loss name. ``ce_weight`` adds cross-entropy on the
-    batch's labels where every sample carries one.
+    (:func:`term_names`); ``weights`` by loss name. ``teacher_weights`` scales each teacher's own
+    terms (``crd_i`` weighs ``weights["crd"] * teacher_weights[i]``; the averaged KD is not scaled).
+    ``ce_weight`` adds cross-entropy on the batch's labels where every sample carries one.
     """
 
     def __init__(self, student: nn.Module, student_view: str, teachers: Sequence[tuple[nn.Module, str]],
                  modality: Modality, criteria: Mapping[str, DistillLoss], weights: Mapping[str, float],
-                 ce_weight: float = 0.0) -> None:
+                 ce_weight: float = 0.0, teacher_weights: Optional[Sequence[float]] = None) -> None:
         super().__init__()
         if not teachers:
             raise ValueError("a Distiller needs at least one teacher")
@@ -64,7 +65,11 @@ class Distiller(nn.Module):
         self.sources = term_names(weights, len(teachers))
         if set(self.sources) != set(self.criteria):
             raise ValueError(f"criteria {sorted(self.criteria)} do not match the terms {sorted(self.sources)}")
-        self.weights = {name: float(weights[loss]) for name, (loss, _) in self.sources.items()}
+        scale = list(teacher_weights) if teacher_weights is not None else [1.0] * len(teachers)
+        if len(scale) != len(teachers):
+            raise ValueError(f"teacher_weights has {len(scale)} entries for {len(teachers)} teachers")
+        self.weights = {name: float(weights[loss]) * (1.0 if source == AVERAGED else scale[source])
+                        for name, (loss, source) in self.sources.items()}
         self.ce_weight = float(ce_weight)
         self.teachers = [teacher for teacher, _ in teachers]  # a plain list: not submodules
         self.teacher_views = [view for _, view in teachers]
@@ -76,7 +81,7 @@ class Distiller(nn.Module):
     def build(cls, student: nn.Module, student_view: str, teachers: Sequence[tuple[nn.Module, str]],
               modality: Modality, terms: Mapping[str, float], sample: Mapping[str, Tensor], *, n_data: int,
               labels: Optional[Tensor] = None, options: Mapping[str, Mapping[str, Any]] = (),
-              ce_weight: float = 0.0) -> "Distiller":
+              ce_weight: float = 0.0, teacher_weights: Optional[Sequence[float]] = None) -> "Distiller":
         """Construct each criterion for these networks from one batch of their features (eval mode).
 
         A memory-bank loss of teacher ``i`` is seeded ``seed + i``, so its banks and negatives
@@ -113,7 +118,7 @@ class Distiller(nn.Module):
                 criteria[name] = loss_cls.from_features(s_feats, t_feats, n_data=n_data, labels=labels, **given)
             except (TypeError, ValueError, OverflowError) as err:  # losses/ raises plain errors; name the recipe key
                 raise ConfigError(f"distill.loss_options.{loss}: {err}") from None
-        return cls(student, student_view, teachers, modality, criteria, terms, ce_weight)
+        return cls(student, student_view, teachers, modality, criteria, terms, ce_weight, teacher_weights)
 
     # ------------------------------------------------------------------ one step
     def inputs(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, list[Features]]:

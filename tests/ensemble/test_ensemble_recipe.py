@@ -40,7 +40,7 @@ def test_tiny_cifar_run_reports_every_method_and_teacher_count(cifar10_jpeg, tmp
     assert all(r["protocol"] == "test" and r["metric"] == "top1" and 0 <= r["value"] <= 100 for r in report["results"])
     assert set(report["teachers"]["ensemble_top1"]) == {"1", "2"} and len(report["teachers"]["members"]) == 2
     assert (out / "report.png").stat().st_size > 0 and (out / "teachers" / "teacher-1.pt").exists()
-    history = json.loads((out / "stages" / "crd_ensemble-m2-s0" / "result.json").read_text())["history"]
+    history = json.loads((out / "stages" / "distill-crd_ensemble-m2-s0" / "result.json").read_text())["history"]
     assert {"ce", "crd_0", "crd_1"} <= set(history[0])  # every teacher's critic is logged
     # running again resumes: every stage is finished, so nothing trains and the numbers repeat
     assert main(args) == 0
@@ -57,16 +57,17 @@ def test_critic_weights_paper_or_split():
 
 @pytest.mark.slow
 def test_split_crd_weight_reaches_the_critics(cifar10_jpeg, tmp_path, monkeypatch):
-    import ensemble.loss
+    from xmodal.distiller import Distiller
 
     built = []
-    original = ensemble.loss.EnsembleDistillLoss.from_features.__func__
+    original = Distiller.build.__func__
 
     def spy(cls, *args, **kwargs):
-        built.append(kwargs["crd_weights"])
-        return original(cls, *args, **kwargs)
+        distiller = original(cls, *args, **kwargs)
+        built.append([distiller.weights[f"crd_{i}"] for i in range(2)])
+        return distiller
 
-    monkeypatch.setattr(ensemble.loss.EnsembleDistillLoss, "from_features", classmethod(spy))
+    monkeypatch.setattr(Distiller, "build", classmethod(spy))
     common = ["run", "ensemble-cifar", "data=imagefolder", f"data.root={cifar10_jpeg}", *TINY,
               "distill.methods=[crd_ensemble]", "distill.n_teachers=[2]"]
     assert main([*common, f"output_dir={tmp_path / 'paper'}"]) == 0

@@ -120,6 +120,8 @@ def distill_stages(
     record: Mapping[str, Any] = (),
     sample: Optional[Mapping[str, Tensor]] = None,
     tag: str = "",
+    spec: Optional[Method] = None,
+    teacher_weights: Optional[Sequence[float]] = None,
 ) -> list[Stage]:
     """The stages that distill ``teachers`` (frozen, each with the view it reads) into ``student``
     with ``method`` (first stage first); the student reads ``modality.student_view``.
@@ -127,9 +129,11 @@ def distill_stages(
     ``record`` is the part of the recipe that defines these stages (their checkpoint key).
     ``sample``: a batch of ``dataset`` on the device (:meth:`Engine.first_batch`), from which the losses
     read the feature shapes; fetched here when not given. ``tag`` ends the stages' names (one
-    method distilled on unlabeled sets of several sizes: ``distill-crd-n2500``).
+    method distilled on unlabeled sets of several sizes: ``distill-crd-n2500``). ``spec``: the
+    terms of a method that is not a registered name (the ensemble task's), instead of resolving
+    ``method``. ``teacher_weights`` scales each teacher's own terms (:class:`Distiller`).
     """
-    spec = resolve_method(method, weights, warm_start)
+    spec = spec or resolve_method(method, weights, warm_start)
     terms = spec.terms
     loss_options = method_loss_options(spec, loss_options)
     first = [name for name in terms if losses.get(name).needs_init_stage]
@@ -141,7 +145,8 @@ def distill_stages(
     for teacher, _ in teachers:
         teacher.to(engine.device)
     distiller = Distiller.build(student, modality.student_view, teachers, modality, terms, sample, n_data=len(dataset),
-                                labels=getattr(dataset, "labels", None), options=loss_options, ce_weight=ce_weight)
+                                labels=getattr(dataset, "labels", None), options=loss_options, ce_weight=ce_weight,
+                                teacher_weights=teacher_weights)
 
     def on_epoch_start(epoch: int) -> None:
         if hasattr(dataset, "set_epoch"):
@@ -153,6 +158,8 @@ def distill_stages(
     # weights, each term's loss options (K, temperature, momentum, ...), CE on labels, warm banks.
     record = {**dict(record), "method": method, "terms": terms, "warm_start": spec.warm_start, "ce_weight": ce_weight,
               "loss_options": {name: dict(loss_options.get(name, {})) for name in sorted(terms)}}
+    if teacher_weights is not None:
+        record["teacher_weights"] = list(teacher_weights)
     stages = []
     for name, criterion in distiller.criteria.items():
         if criterion.needs_init_stage:

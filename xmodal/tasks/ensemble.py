@@ -18,14 +18,11 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ensemble import EnsembleDistiller, EnsembleDistillLoss
-from losses.features import Features
 from xmodal.config import to_dict
 from xmodal.engine import Engine, Stage
 from xmodal.errors import ConfigError
@@ -36,7 +33,8 @@ from xmodal.tasks.ensemble_pool import Member, PoolSection, build_pool, check_ch
 from xmodal.tasks.ensemble_report import plot_error_vs_teachers
 from xmodal.tasks.evaluation import classify_top1, top1
 from xmodal.tasks.subset import check_classifiable, open_split
-from xmodal.tasks.supervised import build_backbone
+from xmodal.tasks.distill import Method, distill_stages
+from xmodal.tasks.supervised import build_backbone, supervised_stage
 
 #: Loss weights of each method: γ on CE, α on KD from the averaged ensemble, β on every critic.
 METHODS: dict[str, dict[str, float]] = {
@@ -137,91 +135,37 @@ def _teacher_weights(cfg: EnsembleConfig, pool_size: int) -> list[float]:
 
 
 # -------------------------------------------------------------------- stages
-def _features_fn(modality: Modality, members: Sequence[Member], teachers: Sequence[nn.Module]
-                 ) -> Callable[[dict[str, Tensor]], tuple[Tensor, list[Features]]]:
-    """``batch -> (student view, [teacher features])``; every view converted once per batch."""
-    names = list(dict.fromkeys([modality.student_view, *(m.view for m in members)]))
-
-    def features(batch: dict[str, Tensor]) -> tuple[Tensor, list[Features]]:
-        views = modality.views(batch, names)
-        with torch.no_grad():
-            taught = [teacher(views[m.view]).detach() for m, teacher in zip(members, teachers)]
-        return views[modality.student_view], taught
-
-    return features
-
-
-def _ensemble_loss(cfg: EnsembleConfig, method: str, terms: dict[str, float], student: nn.Module, features,
-                   sample: dict[str, Tensor], n_data: int, labels: Tensor, num_classes: int, weights: Sequence[float],
-                   seed: int) -> EnsembleDistillLoss:
-    with torch.no_grad():
-        student_in, teachers = features(sample)
-        student.eval()
-        s_feats = student(student_in)
-        student.train()
-    if not teachers:
-        return EnsembleDistillLoss(None, 0, ce_weight=terms["ce"])
-    crd = {**cfg.distill.crd}
-    if crd.get("negatives") == "class":
-        crd.setdefault("labels", labels)
-    try:
-        return EnsembleDistillLoss.from_features(
-            s_feats, teachers, n_data=n_data, num_classes=num_classes,
-            crd_weights=critic_weights(terms.get("crd", 0.0), weights, cfg.distill.split_crd_weight),
-            ce_weight=terms.get("ce", 0.0),
-            kd_weight=terms.get("kd", 0.0), kd_T=cfg.distill.kd_T, seed=seed, **crd)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{method} with {len(teachers)} teachers (distill.crd={cfg.distill.crd}): {err}") from None
-
-
 def student_stage(cfg: EnsembleConfig, engine: Engine, method: str, members: Sequence[Member],
                   teachers: Sequence[nn.Module], train_set: Dataset, sample: dict[str, Tensor], modality: Modality,
                   num_classes: int, weights: Sequence[float], seed: int, record: dict[str, Any]) -> tuple[Stage, nn.Module]:
-    """The stage that trains one student from ``teachers`` (none for ``ce``) with ``method``.
+    """The stage that trains one student from ``teachers`` (none for ``ce``) with ``method``,
+    through :class:`xmodal.distiller.Distiller` (one critic per teacher, KD from the averaged soft labels).
 
-    ``sample`` is one batch of ``train_set`` on the device: the loss reads feature widths from it.
+    ``sample`` is one batch of ``train_set`` on the device: the losses read feature widths from it.
     """
     student = build_backbone(cfg.student, modality.student_channels, num_classes, seed)
     student.to(engine.device)
-    features = _features_fn(modality, members, teachers)
     terms = method_terms(cfg.distill, method)
-    loss = _ensemble_loss(cfg, method, terms, student, features, sample, len(train_set), train_set.labels, num_classes,
-                          weights, seed)
-    module = EnsembleDistiller(student, loss)
-
-    def step(wrapped: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        student_in, taught = features(batch)
-        return wrapped(student_in, taught, batch["index"], batch["label"])
-
-    def on_epoch_start(epoch: int) -> None:
-        train_set.set_epoch(epoch)
-        if cfg.distill.warm_start and epoch == 0 and loss.critics is not None:
-            _warm_start(engine, module, features, train_set)
-
     # The stage's identity: only what changes this student (a CE student ignores the CRD options).
     config = {**record, "method": method, "terms": terms, "seed": seed}
-    if members:
-        config.update(teachers=[m.identity for m in members], teacher_train=to_dict(cfg.teachers.train),
-                      teacher_weights=list(weights))
-    if terms.get("crd"):
-        config.update(crd=cfg.distill.crd, warm_start=cfg.distill.warm_start,
-                      split_crd_weight=cfg.distill.split_crd_weight)
-    if terms.get("kd"):
-        config.update(kd_T=cfg.distill.kd_T)
-    name = "ce" if method == "ce" else f"{method}-m{len(teachers)}"
-    stage = Stage.on_schedule(cfg.distill.train, name=f"{name}-s{seed}", module=module, step=step, dataset=train_set,
-                              config=config, frozen={f"teacher_{i}": t for i, t in enumerate(teachers)},
-                              on_epoch_start=on_epoch_start)
-    return stage, student
-
-
-@torch.no_grad()
-def _warm_start(engine: Engine, module: EnsembleDistiller, features, dataset: Dataset) -> None:
-    """Fill every critic's banks with one inference pass before the first epoch (DESIGN.md)."""
-    for batch in engine.batches(dataset, 256, "warm start"):
-        with engine.autocast():
-            student_in, taught = features(batch)
-            module.warm_start(student_in, taught, batch["index"])
+    if not members:
+        stage = supervised_stage(f"{method}-s{seed}", student, train_set, view_fn(modality, modality.student_view),
+                                 cfg.distill.train, config)
+        return stage, student
+    config.update(teachers=[m.identity for m in members], teacher_train=to_dict(cfg.teachers.train))
+    losses = {name: weight for name, weight in terms.items() if name != "ce" and weight}
+    # critic i of student seed s is seeded s + i (its banks and negatives)
+    options = {"crd": {**cfg.distill.crd, "seed": seed}, "kd": {"T": cfg.distill.kd_T}}
+    try:
+        stages = distill_stages(
+            engine, method, student, [(t, m.view) for t, m in zip(teachers, members)], modality, train_set,
+            cfg.distill.train, weights=losses, loss_options={k: v for k, v in options.items() if k in losses},
+            ce_weight=terms.get("ce", 0.0), record=config, sample=sample, tag=f"-m{len(teachers)}-s{seed}",
+            spec=Method(losses, warm_start=cfg.distill.warm_start),
+            teacher_weights=critic_weights(1.0, weights, cfg.distill.split_crd_weight))
+    except ConfigError as err:
+        raise ConfigError(f"{method} with {len(teachers)} teachers (distill.crd={cfg.distill.crd}): {err}") from None
+    return stages[-1], student
 
 
 # ------------------------------------------------------------------- runner
