@@ -202,8 +202,8 @@ class CRDLoss(DistillLoss):
         """Fill bank rows ``index`` with this batch's embeddings (no momentum).
 
         One pass over the data before training removes the cold first epoch, in which every
-        positive is still a random initial row (DESIGN.md: +7.6 points of linear probe at 6
-        epochs on CIFAR-10 Lab). Not part of the paper's recipe; off unless a run asks for it.
+        positive is still a random initial row (docs/notes/crd-variants.md measures the effect).
+        Not part of the paper's recipe; off unless a run asks for it.
         """
         self._check_inputs(f_s, f_t, index, None, None)
         with torch.autocast(device_type=f_s.device.type, enabled=False):

@@ -72,15 +72,15 @@ def command(out: Path, seed: int, precision: str, args: argparse.Namespace) -> l
 def wants_fp32_stem(precision: str, args: argparse.Namespace) -> tuple[bool, bool]:
     """(student's, teacher's) stem in fp32 for this run. ``--fp32-stem`` applies to the bf16 runs:
     in fp32 a stem computes the same either way (tests/models/test_fp32_stem.py), so a variant
-    shares the plain fp32 runs. ``both`` is what stop 15's scratch patch did (every staged
-    backbone of the process: the student and the frozen teacher it distils from)."""
+    shares the plain fp32 runs. ``both`` keeps every staged backbone's stem in fp32: the student's
+    and the frozen teacher's it distils from."""
     if precision != "bf16" or not args.fp32_stem:
         return False, False
     return True, args.fp32_stem == "both"
 
 
-# The stem-in-fp32 runs of stop 15 (runs/mpstem-bf16-s10..39) were made with a scratch patch
-# before the fp32_stem keys existed; their folders hold the patch under this name.
+# A run folder made with a source patch instead of config keys holds it under this name; such a
+# folder is read as an fp32-stem run.
 SCRATCH_STEM_PATCH = "EXPERIMENT-fp32stem.patch"
 
 
@@ -395,12 +395,12 @@ def main() -> None:
                         help="also pool the bf16 - fp32 pairs of DOC's first per-seed table (e.g. "
                              "docs/reliability.md: seeds 0-39, runs no longer on disk) with the runs read")
     parser.add_argument("--plot", type=Path, default=None, help="default: <runs>/<prefix>.png")
-    parser.add_argument("--margin", type=float, default=1.0, help="equivalence margin in points (issue 6: 1)")
+    parser.add_argument("--margin", type=float, default=1.0, help="equivalence margin in points")
     parser.add_argument("--against", metavar="PREFIX", default=None,
                         help="also set this prefix's bf16 runs against PREFIX's bf16 runs of the same seeds")
     parser.add_argument("--fp32-stem", choices=["student", "both"], default=None,
                         help="bf16 runs keep the student's stem in fp32 (student.fp32_stem=true), or the "
-                             "student's and the teacher's (both: what stop 15's scratch patch did)")
+                             "student's and the teacher's (both)")
     parser.add_argument("--cpu-bf16-convs", choices=["emulated", "native"], default=None,
                         help="bf16 runs with cpu_bf16_convs=emulated (bf16 numerics on float32 kernels) or native "
                              "(PyTorch's bf16 kernels); default: the recipe's auto, and runs read all of one kind")

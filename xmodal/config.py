@@ -231,6 +231,8 @@ def from_dict(cls: type, data: Any, prefix: str = "", root: Optional[type] = Non
     for key, value in data.items():
         if key not in names:
             full = prefix + str(key)
+            if key in getattr(cls, "renamed", {}):
+                raise ConfigError(f"recipe key {full!r} is now {cls.renamed[key]!r}")
             valid = _valid_keys(root)
             near = difflib.get_close_matches(full, valid, n=1, cutoff=0.5)
             hint = f"; did you mean {near[0]!r}?" if near else ""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -65,6 +65,46 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1:
             raise ConfigError(f"epochs={self.epochs}, batch_size={self.batch_size}: expected epochs >= 0, batch_size >= 1")
+
+
+@dataclass
+class DistillSection:
+    """How students are distilled, in every task: ``methods`` (registered losses and presets),
+    ``weights.<loss>`` (overrides that loss's weight in every method that has it),
+    ``loss_options.<loss>`` (its constructor options), ``ce_weight`` (cross-entropy on labels,
+    where a task has them), warm banks, and, with several teachers, ``n_teachers`` (the M values),
+    ``teacher_weights`` (one per teacher, scaling its own terms) and ``split_crd_weight`` (the M
+    critics share the weight, ``w_i / Σ w``, instead of each taking it whole as in the paper)."""
+
+    #: Keys of earlier recipe dialects and the key each is now.
+    renamed: ClassVar[dict[str, str]] = {"crd": "distill.loss_options.crd", "kd_T": "distill.loss_options.kd.T"}
+
+    methods: list[str] = field(default_factory=lambda: ["random", "kd", "crd"])
+    train: TrainConfig = field(default_factory=TrainConfig)
+    init_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5))
+    weights: dict[str, Any] = field(default_factory=dict)
+    loss_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ce_weight: float = 0.0
+    warm_start: bool = False
+    n_teachers: Optional[list[int]] = None
+    teacher_weights: Optional[list[float]] = None
+    split_crd_weight: bool = False
+
+    def __post_init__(self) -> None:
+        for name, weight in self.weights.items():
+            if isinstance(weight, dict):  # the former per-method dialect: {method: {loss: weight}}
+                raise ConfigError(f"distill.weights.{name}: weights are per loss, for every method that has it: "
+                                  f"distill.weights.<loss>=<weight> (e.g. distill.weights.crd=0.5)")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                raise ConfigError(f"distill.weights.{name} must be a number, got {weight!r}")
+            if not math.isfinite(weight):
+                raise ConfigError(f"distill.weights.{name} must be a finite number, got {weight!r}")
+        self.weights = {name: float(weight) for name, weight in self.weights.items()}
+        counts = self.n_teachers
+        if counts is not None and (not counts or min(counts) < 1 or len(set(counts)) != len(counts)):
+            raise ConfigError(f"distill.n_teachers={counts}: expected distinct teacher counts >= 1")
+        if self.ce_weight < 0:
+            raise ConfigError(f"distill.ce_weight={self.ce_weight}: expected a non-negative weight")
 
 
 @dataclass

@@ -11,13 +11,13 @@ import torch
 from xmodal.cli import main
 from xmodal.models import build_model, load_backbone, save_backbone
 from xmodal.models.checkpoint import read_checkpoint
-from xmodal.tasks.ensemble import critic_weights
+from xmodal.tasks.distill import critic_weights
 
 TINY = [
     "data.train.subset=100", "data.test.subset=50", "data.num_workers=0",
     "teachers.count=2", "teachers.model.options={width: 4}", "teachers.train.epochs=1", "teachers.train.batch_size=50",
     "student.options={width: 4}", "distill.n_teachers=[1,2]", "distill.train.epochs=1", "distill.train.batch_size=50",
-    "distill.crd.nce_k=32",
+    "distill.loss_options.crd.nce_k=32",
 ]
 METHODS = ("ce", "kd_ensemble", "crd_ensemble", "crd_kd_ensemble")
 

@@ -45,7 +45,7 @@ SMALL_BATCHES = ["distill.train.batch_size=2", "segmentation.train.batch_size=2"
 NYU_TINY = ["data.options.size=[32,48]", "distill.train.epochs=1", "segmentation.train.epochs=1", "data.num_workers=0"]
 ENSEMBLE_TINY = [
     "data.train.subset=40", "data.test.subset=20", "data.num_workers=0", "teachers.model.options={width: 4}",
-    "teachers.train.epochs=1", "student.options={width: 4}", "distill.train.epochs=1", "distill.crd.nce_k=8",
+    "teachers.train.epochs=1", "student.options={width: 4}", "distill.train.epochs=1", "distill.loss_options.crd.nce_k=8",
 ]
 
 
@@ -268,6 +268,12 @@ CASES = [
     Case("ensemble: critic weights that do not match the pool",
          _ensemble("teachers.count=2", "distill.n_teachers=[1,2]", "distill.teacher_weights=[1.0]"),
          "teacher_weights has 1 entries for a pool of 2", recipe="ensemble-cifar"),
+    Case("ensemble: a key of the former recipe dialect", _ensemble("distill.crd.nce_k=8"),
+         "recipe key 'distill.crd' is now 'distill.loss_options.crd'", recipe="ensemble-cifar"),
+    Case("ensemble: per-method weights of the former dialect", _ensemble("distill.weights={crd_ensemble: {crd: 0.5}}"),
+         "distill.weights.crd_ensemble", recipe="ensemble-cifar"),
+    Case("several-teacher key given to a one-teacher recipe", lambda d: ["distill.teacher_weights=[1.0]"],
+         "distill.teacher_weights is about several teachers; list them under teachers"),
 ]
 
 

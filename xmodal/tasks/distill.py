@@ -25,7 +25,7 @@ from xmodal.config import to_dict
 from xmodal.engine import Engine, Stage
 from xmodal.errors import ConfigError
 from xmodal.modalities import Modality
-from xmodal.schema import TrainConfig
+from xmodal.schema import DistillSection, TrainConfig
 
 @dataclass(frozen=True)
 class Method:
@@ -101,6 +101,31 @@ def needs_logits(method: str) -> bool:
     named = {**{name: spec for name, (spec, _) in DEPRECATED.items()}, **PRESETS}
     terms = named[method].terms if method in named else {method: 0.0}
     return any(losses.get(name).reads_logits for name in terms if name in losses.available())
+
+
+def critic_weights(beta: float, teacher_weights: Sequence[float], split: bool) -> list[float]:
+    """Weight of each of the M critics: ``β·w_i`` (paper), or with ``split`` ``β·w_i / Σ w``.
+
+    The paper's ``L = CE - β Σ_i L_critic(T_i, S)`` gives every critic the full ``β``, so the
+    contrastive share of the loss grows with M; ``split`` keeps it at ``β`` for every M.
+    """
+    total = sum(teacher_weights)
+    if not split or total == 0:
+        return [beta * w for w in teacher_weights]
+    return [beta * w / total for w in teacher_weights]
+
+
+def teacher_scales(distill: DistillSection, pool: int, m: int) -> Optional[list[float]]:
+    """The scale of each of the first ``m`` teachers' own terms (:func:`critic_weights` with β = 1)
+    from ``distill.teacher_weights`` (one per teacher of a pool of ``pool``) and
+    ``distill.split_crd_weight``; ``None`` when neither is set (every teacher at 1)."""
+    weights = distill.teacher_weights
+    if weights is not None and len(weights) != pool:
+        raise ConfigError(f"distill.teacher_weights has {len(weights)} entries for a pool of {pool} teachers; "
+                          "expected one per teacher")
+    if weights is None and not distill.split_crd_weight:
+        return None
+    return critic_weights(1.0, list(weights or [1.0] * pool)[:m], distill.split_crd_weight)
 
 
 def distill_stages(

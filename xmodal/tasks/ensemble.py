@@ -27,13 +27,14 @@ from xmodal.config import to_dict
 from xmodal.engine import Engine, Stage
 from xmodal.errors import ConfigError
 from xmodal.modalities import Modality, modality_from_config, view_fn
-from xmodal.schema import ImageDataConfig, ModalityConfig, ModelConfig, RunConfig, SplitConfig, TrainConfig, check_same_classes
+from xmodal.schema import DistillSection, ImageDataConfig, ModalityConfig, ModelConfig, RunConfig, SplitConfig, \
+    check_same_classes
 from xmodal.tasks.ensemble_pool import Member, PoolSection, build_pool, check_checkpoints, data_order, ensemble_top1, \
     resolve_pool
 from xmodal.tasks.ensemble_report import plot_error_vs_teachers
 from xmodal.tasks.evaluation import classify_top1, top1
 from xmodal.tasks.subset import check_classifiable, open_split
-from xmodal.tasks.distill import Method, distill_stages
+from xmodal.tasks.distill import Method, distill_stages, teacher_scales
 from xmodal.tasks.supervised import build_backbone, supervised_stage
 
 #: Loss weights of each method: γ on CE, α on KD from the averaged ensemble, β on every critic.
@@ -55,21 +56,6 @@ class EnsembleData(ImageDataConfig):
 
 
 @dataclass
-class EnsembleDistillSection:
-    """Which students are trained, from how many teachers, and how."""
-
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    n_teachers: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    train: TrainConfig = field(default_factory=TrainConfig)
-    weights: dict[str, dict[str, float]] = field(default_factory=dict)
-    teacher_weights: Optional[list[float]] = None
-    crd: dict[str, Any] = field(default_factory=lambda: {"nce_k": 4096, "negatives": "class"})
-    kd_T: float = 4.0
-    warm_start: bool = False
-    split_crd_weight: bool = False
-
-
-@dataclass
 class EnsembleConfig(RunConfig):
     """Schema of recipes with ``task: ensemble``."""
 
@@ -79,40 +65,33 @@ class EnsembleConfig(RunConfig):
     modality: ModalityConfig = field(default_factory=lambda: ModalityConfig("identity", "rgb", "rgb"))
     teachers: PoolSection = field(default_factory=lambda: PoolSection(count=4))
     student: ModelConfig = field(default_factory=lambda: ModelConfig("resnet8", {"width": 8}))
-    distill: EnsembleDistillSection = field(default_factory=EnsembleDistillSection)
+    distill: DistillSection = field(default_factory=lambda: DistillSection(
+        methods=list(METHODS), n_teachers=[1, 2, 4, 8], loss_options={"crd": {"nce_k": 4096, "negatives": "class"}}))
 
     def __post_init__(self) -> None:
         d = self.distill
         unknown = [m for m in d.methods if m not in METHODS]
         if unknown or not d.methods:
             raise ConfigError(f"distill.methods={d.methods}: expected a non-empty subset of {list(METHODS)}")
-        for method, terms in d.weights.items():
-            allowed = {"ce"} if method == "ce" else set(TERMS)  # CE alone has no teacher to weigh
-            if method not in METHODS or not set(terms) <= allowed:
-                raise ConfigError(f"distill.weights.{method}={terms}: expected a method of {list(METHODS)} with terms "
-                                  f"among {['ce'] if method == 'ce' else list(TERMS)}")
-        if not d.n_teachers or min(d.n_teachers) < 1 or len(set(d.n_teachers)) != len(d.n_teachers):
-            raise ConfigError(f"distill.n_teachers={d.n_teachers}: expected distinct teacher counts >= 1")
+        if set(d.weights) - set(TERMS):
+            raise ConfigError(f"distill.weights={d.weights}: expected weights of terms among {list(TERMS)} "
+                              "(each overrides that term in every method that has it)")
+        if set(d.loss_options) - {"crd", "kd"}:
+            raise ConfigError(f"distill.loss_options: options of {sorted(set(d.loss_options) - {'crd', 'kd'})}; "
+                              "the ensemble methods use crd and kd")
+        if d.ce_weight:
+            raise ConfigError("distill.ce_weight: each ensemble method sets its own CE weight; "
+                              "override it with distill.weights.ce")
+        if not d.n_teachers:
+            raise ConfigError("distill.n_teachers: list the numbers of teachers M to distil from, e.g. [1, 2, 4]")
         if not self.student_seeds or len(set(self.student_seeds)) != len(self.student_seeds):
             raise ConfigError(f"student_seeds={self.student_seeds}: expected distinct seeds")
         check_same_classes(self.data.train, "data.train", self.data.test, "data.test")
 
 
-def method_terms(distill: EnsembleDistillSection, method: str) -> dict[str, float]:
-    """``{"ce": γ, "kd": α, "crd": β}`` of ``method`` with the recipe's overrides."""
-    return {**METHODS[method], **{k: float(v) for k, v in distill.weights.get(method, {}).items()}}
-
-
-def critic_weights(beta: float, teacher_weights: Sequence[float], split: bool) -> list[float]:
-    """Weight of each of the M critics: ``β·w_i`` (paper), or with ``split`` ``β·w_i / Σ w``.
-
-    The paper's ``L = CE - β Σ_i L_critic(T_i, S)`` gives every critic the full ``β``, so the
-    contrastive share of the loss grows with M; ``split`` keeps it at ``β`` for every M.
-    """
-    total = sum(teacher_weights)
-    if not split or total == 0:
-        return [beta * w for w in teacher_weights]
-    return [beta * w / total for w in teacher_weights]
+def method_terms(distill: DistillSection, method: str) -> dict[str, float]:
+    """``{"ce": γ, "kd": α, "crd": β}`` of ``method`` with the recipe's overrides of its terms."""
+    return {**METHODS[method], **{k: float(v) for k, v in distill.weights.items() if k in METHODS[method]}}
 
 
 # ----------------------------------------------------------------- datasets
@@ -124,20 +103,11 @@ def _teacher_counts(cfg: EnsembleConfig, pool_size: int) -> list[int]:
     return counts
 
 
-def _teacher_weights(cfg: EnsembleConfig, pool_size: int) -> list[float]:
-    weights = cfg.distill.teacher_weights
-    if weights is None:
-        return [1.0] * pool_size
-    if len(weights) != pool_size:
-        raise ConfigError(f"distill.teacher_weights has {len(weights)} entries for a pool of {pool_size} teachers; "
-                          "expected one per teacher")
-    return list(weights)
-
-
 # -------------------------------------------------------------------- stages
 def student_stage(cfg: EnsembleConfig, engine: Engine, method: str, members: Sequence[Member],
                   teachers: Sequence[nn.Module], train_set: Dataset, sample: dict[str, Tensor], modality: Modality,
-                  num_classes: int, weights: Sequence[float], seed: int, record: dict[str, Any]) -> tuple[Stage, nn.Module]:
+                  num_classes: int, scales: Optional[Sequence[float]], seed: int,
+                  record: dict[str, Any]) -> tuple[Stage, nn.Module]:
     """The stage that trains one student from ``teachers`` (none for ``ce``) with ``method``,
     through :class:`xmodal.distiller.Distiller` (one critic per teacher, KD from the averaged soft labels).
 
@@ -155,16 +125,16 @@ def student_stage(cfg: EnsembleConfig, engine: Engine, method: str, members: Seq
     config.update(teachers=[m.identity for m in members], teacher_train=to_dict(cfg.teachers.train))
     losses = {name: weight for name, weight in terms.items() if name != "ce" and weight}
     # critic i of student seed s is seeded s + i (its banks and negatives)
-    options = {"crd": {**cfg.distill.crd, "seed": seed}, "kd": {"T": cfg.distill.kd_T}}
+    options = {"crd": {**cfg.distill.loss_options.get("crd", {}), "seed": seed}, "kd": cfg.distill.loss_options.get("kd", {})}
     try:
         stages = distill_stages(
             engine, method, student, [(t, m.view) for t, m in zip(teachers, members)], modality, train_set,
             cfg.distill.train, weights=losses, loss_options={k: v for k, v in options.items() if k in losses},
             ce_weight=terms.get("ce", 0.0), record=config, sample=sample, tag=f"-m{len(teachers)}-s{seed}",
             spec=Method(losses, warm_start=cfg.distill.warm_start),
-            teacher_weights=critic_weights(1.0, weights, cfg.distill.split_crd_weight))
+            teacher_weights=scales)
     except ConfigError as err:
-        raise ConfigError(f"{method} with {len(teachers)} teachers (distill.crd={cfg.distill.crd}): {err}") from None
+        raise ConfigError(f"{method} with {len(teachers)} teachers: {err}") from None
     return stages[-1], student
 
 
@@ -175,7 +145,7 @@ def run_ensemble(cfg: EnsembleConfig, engine: Engine) -> dict[str, Any]:
     modality = modality_from_config(cfg.modality)
     members = resolve_pool(cfg.teachers, modality)
     counts = _teacher_counts(cfg, len(members))
-    weights = _teacher_weights(cfg, len(members))
+    teacher_scales(cfg.distill, len(members), len(members))  # a wrong-length list fails before training
     train_set = open_split(cfg.data, cfg.data.train, cfg.seed, augment=True, labeled=True, role="train")
     test_set = open_split(cfg.data, cfg.data.test, cfg.seed, augment=False, labeled=True, role="test")
     check_classifiable(train_set, test_set, "data.train", "data.test")
@@ -212,7 +182,8 @@ def run_ensemble(cfg: EnsembleConfig, engine: Engine) -> dict[str, Any]:
             t0 = time.perf_counter()
             with data_order(engine, cfg.seed + seed):
                 stage, student = student_stage(cfg, engine, method, used[:m], teachers[:m], train_set, sample,
-                                               modality, num_classes, weights[:m], seed, student_record)
+                                               modality, num_classes, teacher_scales(cfg.distill, len(members), m), seed,
+                                               student_record)
                 result = engine.run(stage, lambda: {"top1": classify_top1(
                     engine, student, test_set, view_fn(modality, modality.student_view), desc=f"{stage.name} test")})
             timings[stage.name] = time.perf_counter() - t0
@@ -249,5 +220,5 @@ def _summary(cfg: EnsembleConfig, pool: dict[str, Any], n_train: int, n_test: in
         "students": f"{cfg.student.arch} {cfg.student.options} on {cfg.modality.student_view}, "
                     f"mean over seeds {cfg.student_seeds}",
         "budget": f"{n_train} training / {n_test} test images; teachers {t.epochs} epochs, students {d.epochs} "
-                  f"epochs at batch {d.batch_size}; CRD {cfg.distill.crd}, warm start {cfg.distill.warm_start}",
+                  f"epochs at batch {d.batch_size}; CRD {cfg.distill.loss_options.get('crd', {})}, warm start {cfg.distill.warm_start}",
     }

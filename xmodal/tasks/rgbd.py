@@ -32,7 +32,7 @@ from xmodal.errors import ConfigError, DataError
 from xmodal.modalities import modality_from_config, view_fn
 from xmodal.models import load_weights_into
 from xmodal.models.checkpoint import CheckpointFile, open_checkpoint, taught_by
-from xmodal.schema import DataConfig, ModalityConfig, ModelConfig, RunConfig, SplitConfig, TrainConfig
+from xmodal.schema import DataConfig, DistillSection, ModalityConfig, ModelConfig, RunConfig, SplitConfig
 from xmodal.tasks.distill import distill_stages, needs_logits, resolve_method
 from xmodal.tasks.seg_pictures import save_legend, save_pictures
 from xmodal.tasks.segmentation import (
@@ -74,18 +74,6 @@ class RGBTeacherSection:
 
 
 @dataclass
-class RGBDDistillSection:
-    """Which methods distill the depth student, and how (no labels: no cross-entropy term)."""
-
-    methods: list[str] = field(default_factory=lambda: ["random", "kd", "fitnet", "at", "crd"])
-    train: TrainConfig = field(default_factory=TrainConfig)
-    init_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5))
-    weights: dict[str, float] = field(default_factory=dict)
-    loss_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    warm_start: bool = False
-
-
-@dataclass
 class RGBDConfig(RunConfig):
     """Schema of recipes with ``task: rgbd``."""
 
@@ -94,7 +82,7 @@ class RGBDConfig(RunConfig):
     modality: ModalityConfig = field(default_factory=lambda: ModalityConfig("depth", "rgb", "depth", {"rgb_norm": "lite0"}))
     teacher: RGBTeacherSection = field(default_factory=RGBTeacherSection)
     student: ModelConfig = field(default_factory=lambda: ModelConfig("smp_resnet18"))
-    distill: RGBDDistillSection = field(default_factory=RGBDDistillSection)
+    distill: DistillSection = field(default_factory=lambda: DistillSection(methods=["random", "kd", "fitnet", "at", "crd"]))
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
 
     def __post_init__(self) -> None:
@@ -104,6 +92,12 @@ class RGBDConfig(RunConfig):
         if not self.data.root:
             raise ConfigError("data.root: give nyu_depth_v2_labeled.mat or a frame folder "
                               "(e.g. data.root=/path/to/nyuv2-mini)")
+        d = self.distill
+        unused = {"ce_weight": d.ce_weight or None, "n_teachers": d.n_teachers, "teacher_weights": d.teacher_weights,
+                  "split_crd_weight": d.split_crd_weight or None}
+        for key, value in unused.items():
+            if value is not None:
+                raise ConfigError(f"distill.{key}: task rgbd distils one teacher without labels; remove it")
         for method in self.distill.methods:
             resolve_method(method, self.distill.weights)  # an unknown method fails before anything trains
         if self.teacher.num_classes == 0 and any(needs_logits(m) for m in self.distill.methods):

@@ -29,9 +29,9 @@ from xmodal.errors import ConfigError
 from xmodal.modalities import Modality, modality_from_config, view_fn
 from xmodal.models import save_backbone
 from xmodal.models.checkpoint import CheckpointFile, load_weights_into, open_checkpoint, taught_by
-from xmodal.schema import (ImageDataConfig, ModalityConfig, ModelConfig, OptimConfig, RunConfig, SplitConfig,
+from xmodal.schema import (DistillSection, ImageDataConfig, ModalityConfig, ModelConfig, OptimConfig, RunConfig, SplitConfig,
                            TrainConfig, check_same_classes)
-from xmodal.tasks.distill import distill_stages, needs_logits
+from xmodal.tasks.distill import distill_stages, needs_logits, teacher_scales
 from xmodal.tasks.evaluation import classify_top1
 from xmodal.tasks.linear_probe import ProbeConfig, linear_probe
 from xmodal.tasks.subset import check_classifiable, open_split
@@ -80,20 +80,6 @@ class TeacherSection:
 
 
 @dataclass
-class DistillSection:
-    """Which methods distill the student, and how."""
-
-    methods: list[str] = field(default_factory=lambda: ["random", "kd", "crd"])
-    train: TrainConfig = field(default_factory=TrainConfig)
-    init_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5))
-    weights: dict[str, float] = field(default_factory=dict)
-    loss_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    ce_weight: float = 0.0
-    warm_start: bool = False
-    n_teachers: Optional[list[int]] = None
-
-
-@dataclass
 class TransferConfig(RunConfig):
     """Schema of recipes with ``task: transfer``."""
 
@@ -116,11 +102,11 @@ class TransferConfig(RunConfig):
         counts = self.distill.n_teachers
         if self.teachers and self.teacher != TeacherSection():
             raise ConfigError("teacher and teachers are both set; give one teacher under teacher, several under teachers")
-        if counts is not None:
-            if not self.teachers:
-                raise ConfigError("distill.n_teachers counts teachers of a teachers list; list them under teachers")
-            if not counts or min(counts) < 1 or len(set(counts)) != len(counts):
-                raise ConfigError(f"distill.n_teachers={counts}: expected distinct teacher counts >= 1")
+        several = {"n_teachers": counts, "teacher_weights": self.distill.teacher_weights,
+                   "split_crd_weight": self.distill.split_crd_weight or None}
+        for key, value in several.items():
+            if value is not None and not self.teachers:
+                raise ConfigError(f"distill.{key} is about several teachers; list them under teachers")
         sizes = self.data.distill.subset
         if isinstance(sizes, list) and counts is not None and len(counts) > 1:
             raise ConfigError("data.distill.subset lists sizes and distill.n_teachers several counts; "
@@ -304,6 +290,7 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
                               loss_options=cfg.distill.loss_options, ce_weight=cfg.distill.ce_weight,
                               init_cfg=cfg.distill.init_train, warm_start=cfg.distill.warm_start, sample=part.sample,
                               tag=_tag(cfg, len(teachers)) + part.tag(sizes),
+                              teacher_weights=teacher_scales(cfg.distill, len(pool), len(teachers)),
                               record={**shared, **taught, "data": data, "distill": record["distill"]["train"]})
 
     for part in unlabeled:  # the losses read feature shapes from a first batch
