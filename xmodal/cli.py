@@ -17,7 +17,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import yaml
 
@@ -28,14 +28,11 @@ from xmodal.errors import ConfigError, XmodalError
 EXIT_USER_ERROR = 2
 
 
-def _tasks() -> dict[str, tuple[type, Callable[..., dict[str, Any]]]]:
-    """Task name -> (config schema, runner). Imported lazily: ``xmodal --help`` stays fast."""
-    from xmodal.tasks.ensemble import EnsembleConfig, run_ensemble
-    from xmodal.tasks.rgbd import RGBDConfig, run_rgbd
-    from xmodal.tasks.transfer import TransferConfig, run_transfer
+def _tasks() -> dict[str, Any]:
+    """The registered tasks (:mod:`xmodal.tasks`), imported lazily: ``xmodal --help`` stays fast."""
+    from xmodal.tasks import tasks
 
-    return {"transfer": (TransferConfig, run_transfer), "rgbd": (RGBDConfig, run_rgbd),
-            "ensemble": (EnsembleConfig, run_ensemble)}
+    return tasks()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"xmodal {__version__}")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("recipes", help="list the built-in recipes")
+    sub.add_parser("tasks", help="list the tasks a recipe can name, with the protocols that judge their students")
     run = sub.add_parser("run", help="run every stage of a recipe and write its report")
     run.add_argument("recipe", help="a built-in recipe name (see `xmodal recipes`) or a YAML file")
     run.add_argument("overrides", nargs="*", metavar="key=value",
@@ -122,7 +120,7 @@ def run_recipe(recipe: str, overrides: list[str]) -> dict[str, Path]:
     from xmodal.report import combine_seeds, plot
 
     tasks = _tasks()
-    cfg = resolve(recipe, overrides, {name: schema for name, (schema, _) in tasks.items()})
+    cfg = resolve(recipe, overrides, {name: task.schema for name, task in tasks.items()})
     output_dir = Path(cfg.output_dir or Path("runs") / cfg.recipe)
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"output_dir={output_dir} is a file; choose a folder")
@@ -179,7 +177,7 @@ def _run_and_report(cfg: Any, engine: Any, command: str, tasks: dict,
     from xmodal.report import plot, write_report
 
     output_dir = engine.output_dir
-    report = tasks[cfg.task][1](cfg, engine)
+    report = tasks[cfg.task].run(cfg, engine)
     report.update(
         recipe=cfg.recipe,
         description=cfg.description,
@@ -199,8 +197,8 @@ def _run_and_report(cfg: Any, engine: Any, command: str, tasks: dict,
     if engine.is_main:
         from xmodal.report import markdown
 
-        # A runner may draw its own figure (the ensemble task: error against the number of teachers).
-        paths = write_report(report, output_dir, plotter=getattr(tasks[cfg.task][1], "plotter", plot))
+        # A task may draw its own figure (the ensemble task: error against the number of teachers).
+        paths = write_report(report, output_dir, plotter=tasks[cfg.task].plot or plot)
         if show:
             print(markdown(report))
             print(f"[xmodal] report: {paths['md']}  {paths['png']}  {paths['json']}")
@@ -213,6 +211,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.command == "recipes":
             for name, description in available_recipes().items():
                 print(f"{name:28s} {description}")
+            return 0
+        if args.command == "tasks":
+            from xmodal.tasks import PROTOCOLS
+
+            for task in _tasks().values():
+                print(f"{task.name:10s} {task.summary}\n{'':10s} protocols: {', '.join(task.protocols)}")
+            print("\nprotocols:")
+            for name, what in PROTOCOLS.items():
+                print(f"  {name:13s} {what}")
             return 0
         if args.command == "run":
             run_recipe(args.recipe, args.overrides)

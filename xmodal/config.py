@@ -7,6 +7,7 @@ of what ran.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -253,6 +254,33 @@ def from_dict(cls: type, data: Any, prefix: str = "", root: Optional[type] = Non
 def to_dict(obj: Any) -> Any:
     """A dataclass tree as plain mappings (for YAML/JSON)."""
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+#: Field metadata for what changes no result (DataLoader workers, the batch size of a test pass,
+#: pictures) or is a report about a stage rather than part of it: :func:`identity` leaves it out.
+NOT_IDENTITY = {"identity": False}
+#: Field metadata for a key added after stages were first recorded: part of an identity only when
+#: set, so folders written before it existed still resume.
+IDENTITY_IF_SET = {"identity": "if_set"}
+
+
+def identity(obj: Any) -> Any:
+    """:func:`to_dict` of ``obj`` without the fields marked :data:`NOT_IDENTITY` (and those marked
+    :data:`IDENTITY_IF_SET` while ``None``): what a stage trained from this config records as its
+    identity, so an unchanged stage is reloaded and a changed one refused."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {}
+        for f in dataclasses.fields(obj):
+            mode, value = f.metadata.get("identity", True), getattr(obj, f.name)
+            if mode is False or (mode == "if_set" and value is None):
+                continue
+            out[f.name] = identity(value)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(identity(v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: identity(v) for k, v in obj.items()}
+    return copy.deepcopy(obj)
 
 
 def resolve(recipe: str, overrides: list[str], schemas: dict[str, type]) -> Any:

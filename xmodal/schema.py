@@ -8,6 +8,7 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 from torch import nn
 
+from xmodal.config import NOT_IDENTITY
 from xmodal.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -152,7 +153,7 @@ class DataConfig:
     name: str = "synthetic"
     root: Optional[str] = None
     options: dict[str, Any] = field(default_factory=dict)
-    num_workers: Optional[int] = None
+    num_workers: Optional[int] = field(default=None, metadata=NOT_IDENTITY)
 
 
 @dataclass

@@ -308,3 +308,26 @@ def test_unlabeled_set_sizes_run_every_method_at_every_size(tmp_path, capsys):
         assert main(["run", "lab-color-transfer", f"output_dir={bad}", *args, f"data.distill.subset={sizes}"]) == 2
         assert message in _error(capsys)
         assert not bad.exists()
+
+
+def test_tasks_are_listed_with_the_protocols_that_judge_them(capsys):
+    from xmodal.tasks import PROTOCOLS, tasks
+
+    assert main(["tasks"]) == 0
+    out = capsys.readouterr().out
+    registered = tasks()
+    assert set(registered) == {"transfer", "rgbd", "ensemble"}
+    for task in registered.values():
+        assert task.name in out and set(task.protocols) <= set(PROTOCOLS)
+        assert f"protocols: {', '.join(task.protocols)}" in out
+    assert registered["ensemble"].plot is not None and registered["transfer"].plot is None
+
+
+def test_a_task_registered_twice_is_refused():
+    from xmodal.tasks import register_task, tasks
+
+    transfer = tasks()["transfer"]
+    with pytest.raises(ValueError, match="already registered"):
+        register_task("transfer", transfer.schema, transfer.protocols)(lambda cfg, engine: {})
+    with pytest.raises(ValueError, match="unknown protocols"):
+        register_task("mine", transfer.schema, ("accuracy",))

@@ -121,3 +121,22 @@ def test_yaml_12_scalars_in_overrides_and_recipe_files(tmp_path):
         resolve(str(path), [], SCHEMAS)
     path.write_text(text)
     assert resolve(str(path), [], SCHEMAS).mixed_precision == "no"
+
+
+def test_stage_identity_leaves_out_the_fields_marked_so():
+    """identity() against the records the tasks used to build by hand: to_dict with the workers,
+    the teacher's probe and its unset num_classes / view popped, and the test split of an ensemble."""
+    from xmodal.config import identity, resolve, to_dict
+    from xmodal.tasks.ensemble import EnsembleConfig
+    from xmodal.tasks.transfer import TransferConfig
+
+    cfg = resolve("lab-imagenet-teacher", ["data.root=/x"], {"transfer": TransferConfig})
+    by_hand = to_dict(cfg)
+    by_hand["data"].pop("num_workers")
+    by_hand["teacher"].pop("probe")
+    by_hand["teacher"].pop("view")  # unset; num_classes is set (1000) and stays
+    assert identity(cfg) == by_hand
+    cfg.teacher.view = "L"
+    assert identity(cfg)["teacher"]["view"] == "L"  # set: part of the identity
+    ens = resolve("ensemble-cifar", [], {"ensemble": EnsembleConfig})
+    assert set(identity(ens)["data"]) == set(to_dict(ens)["data"]) - {"test", "num_workers"}

@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from xmodal.config import to_dict
+from xmodal.config import NOT_IDENTITY, identity, to_dict
 from xmodal.engine import Engine, Stage
 from xmodal.errors import ConfigError
 from xmodal.modalities import Modality, modality_from_config, view_fn
@@ -34,6 +34,7 @@ from xmodal.tasks.ensemble_pool import Member, PoolSection, build_pool, check_ch
 from xmodal.tasks.ensemble_report import plot_error_vs_teachers
 from xmodal.tasks.evaluation import classify_top1, top1
 from xmodal.tasks.subset import check_classifiable, open_split
+from xmodal.tasks import register_task
 from xmodal.tasks.distill import Method, distill_stages, teacher_scales
 from xmodal.tasks.supervised import build_backbone, supervised_stage
 
@@ -52,7 +53,8 @@ class EnsembleData(ImageDataConfig):
     """The labeled dataset: ``train`` teaches teachers and students, ``test`` judges them."""
 
     train: SplitConfig = field(default_factory=lambda: SplitConfig("train"))
-    test: SplitConfig = field(default_factory=lambda: SplitConfig("test"))
+    # scored after training: not part of a student's stage identity
+    test: SplitConfig = field(default_factory=lambda: SplitConfig("test"), metadata=NOT_IDENTITY)
 
 
 @dataclass
@@ -139,8 +141,9 @@ def student_stage(cfg: EnsembleConfig, engine: Engine, method: str, members: Seq
 
 
 # ------------------------------------------------------------------- runner
+@register_task("ensemble", EnsembleConfig, ("test",), plot=plot_error_vs_teachers)
 def run_ensemble(cfg: EnsembleConfig, engine: Engine) -> dict[str, Any]:
-    """Run every stage of an ensemble recipe and return the report's content."""
+    """M teachers trained here on labels -> one student (CE, KD, one critic per teacher), test top-1 against M."""
     began = time.perf_counter()
     modality = modality_from_config(cfg.modality)
     members = resolve_pool(cfg.teachers, modality)
@@ -153,10 +156,9 @@ def run_ensemble(cfg: EnsembleConfig, engine: Engine) -> dict[str, Any]:
         raise ConfigError(f"dataset {cfg.data.name!r} split {cfg.data.train.split!r} has no classes: ensembles need labels")
     num_classes = len(train_set.classes)
     check_checkpoints(members, modality, num_classes, f"{cfg.data.name} {cfg.data.train.split}")
-    record = to_dict(cfg)
-    data_record = {k: v for k, v in record["data"].items() if k not in ("test", "num_workers")}
+    record = identity(cfg)
     # cfg.seed picks the subset, the augmentation draws and the teachers' data order.
-    shared = {"data": data_record, "modality": record["modality"], "run_seed": cfg.seed}
+    shared = {"data": record["data"], "modality": record["modality"], "run_seed": cfg.seed}
     timings: dict[str, float] = {}
 
     # 1. the teacher pool (only the members some M uses)
@@ -195,9 +197,6 @@ def run_ensemble(cfg: EnsembleConfig, engine: Engine) -> dict[str, Any]:
         "extra": _summary(cfg, pool, len(train_set), len(test_set)),
         "timings": {**timings, "total": time.perf_counter() - began},
     }
-
-
-run_ensemble.plotter = plot_error_vs_teachers  # type: ignore[attr-defined]  # report.png: error against M
 
 
 def _mean_rows(per_seed: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[dict[str, Any]]:

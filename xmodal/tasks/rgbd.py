@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 import losses
 
-from xmodal.config import to_dict
+from xmodal.config import identity
 from xmodal.data import build_dataset
 from xmodal.engine import Engine
 from xmodal.errors import ConfigError, DataError
@@ -33,6 +33,7 @@ from xmodal.modalities import modality_from_config, view_fn
 from xmodal.models import load_weights_into
 from xmodal.models.checkpoint import CheckpointFile, open_checkpoint, taught_by
 from xmodal.schema import DataConfig, DistillSection, ModalityConfig, ModelConfig, RunConfig, SplitConfig
+from xmodal.tasks import register_task
 from xmodal.tasks.distill import distill_stages, needs_logits, resolve_method
 from xmodal.tasks.seg_pictures import save_legend, save_pictures
 from xmodal.tasks.segmentation import (
@@ -186,8 +187,9 @@ def _teacher(cfg: RGBDConfig, engine: Engine, in_channels: int, held: Optional[C
     return teacher.to(engine.device).eval().requires_grad_(False)
 
 
+@register_task("rgbd", RGBDConfig, ("segmentation",))
 def run_rgbd(cfg: RGBDConfig, engine: Engine) -> dict[str, Any]:
-    """Run every stage of an RGB -> depth recipe and return the report's content."""
+    """An ImageNet RGB teacher -> a depth student on NYU-Depth-V2, judged by semantic segmentation."""
     began = time.perf_counter()
     modality = modality_from_config(cfg.modality)
     student_view = view_fn(modality, modality.student_view)
@@ -200,15 +202,13 @@ def run_rgbd(cfg: RGBDConfig, engine: Engine) -> dict[str, Any]:
     # Read once: the sha256 the students record is that of the weights loaded.
     held = open_checkpoint(cfg.teacher.checkpoint, role="teacher") if cfg.teacher.checkpoint else None
     teacher = _teacher(cfg, engine, modality.teacher_channels, held)
-    record = to_dict(cfg)
+    record = identity(cfg)
     record["teacher"] = taught_by(record["teacher"], held)
-    data_key = {k: v for k, v in record["data"].items() if k != "num_workers"}  # workers change no result
     # distill_stages adds the rest of a distillation's identity (terms, each term's options, warm
     # banks, a first stage's schedule): recording every method's options here as well made one
     # method's stages depend on another's.
-    distill_key = {"student": record["student"], "teacher": record["teacher"], "data": data_key,
+    distill_key = {"student": record["student"], "teacher": record["teacher"], "data": record["data"],
                    "modality": record["modality"], "seed": cfg.seed, "distill": record["distill"]["train"]}
-    seg_key = {k: v for k, v in record["segmentation"].items() if k not in ("eval_batch_size", "pictures", "encoder_modes")}
     timings: dict[str, float] = {}
     rows: list[dict[str, Any]] = []
     per_class: dict[str, dict[str, Optional[float]]] = {}
@@ -229,7 +229,7 @@ def run_rgbd(cfg: RGBDConfig, engine: Engine) -> dict[str, Any]:
             t0 = time.perf_counter()
             result = _segment(cfg, engine, method, mode, student, seg_train, seg_test, student_view, len(classes),
                               {**distill_key, "method": method, "distilled": distilled, "mode": mode,
-                               "segmentation": seg_key, "split": split_info})
+                               "segmentation": record["segmentation"], "split": split_info})
             timings[f"segment-{method}-{mode}"] = time.perf_counter() - t0
             rows += [{"method": method, "protocol": "segmentation", "metric": metric, "value": result[metric],
                       "encoder": mode} for metric in ("pixel_acc", "miou")]

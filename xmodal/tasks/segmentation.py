@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from xmodal.config import NOT_IDENTITY
 from xmodal.data.base import IGNORE_INDEX
 from xmodal.engine import Engine, Stage
 from xmodal.errors import ConfigError, DataError
@@ -61,13 +62,13 @@ class SegmentationConfig:
     """
 
     decoder: str = "unet"
-    encoder_modes: list[str] = field(default_factory=lambda: ["frozen"])
+    encoder_modes: list[str] = field(default_factory=lambda: ["frozen"], metadata=NOT_IDENTITY)  # each mode: its own stage
     split: str = "auto"
     holdout_train: int = 5
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=20, batch_size=8, optim=OptimConfig(name="adam", lr=1e-3, weight_decay=0.0)))
-    eval_batch_size: int = 8
-    pictures: bool = True
+    eval_batch_size: int = field(default=8, metadata=NOT_IDENTITY)
+    pictures: bool = field(default=True, metadata=NOT_IDENTITY)
 
     def __post_init__(self) -> None:
         if self.decoder not in DECODERS:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from xmodal.config import to_dict
+from xmodal.config import IDENTITY_IF_SET, NOT_IDENTITY, identity, to_dict
 from xmodal.engine import Engine
 from xmodal.errors import ConfigError
 from xmodal.modalities import Modality, modality_from_config, view_fn
@@ -31,6 +31,7 @@ from xmodal.models import save_backbone
 from xmodal.models.checkpoint import CheckpointFile, load_weights_into, open_checkpoint, taught_by
 from xmodal.schema import (DistillSection, ImageDataConfig, ModalityConfig, ModelConfig, OptimConfig, RunConfig, SplitConfig,
                            TrainConfig, check_same_classes)
+from xmodal.tasks import register_task
 from xmodal.tasks.distill import distill_stages, needs_logits, teacher_scales
 from xmodal.tasks.evaluation import classify_top1
 from xmodal.tasks.linear_probe import ProbeConfig, linear_probe
@@ -74,9 +75,9 @@ class TeacherSection:
     model: ModelConfig = field(default_factory=ModelConfig)
     checkpoint: Optional[str] = None
     train: TrainConfig = field(default_factory=TrainConfig)
-    num_classes: Optional[int] = None
-    probe: bool = False
-    view: Optional[str] = None
+    num_classes: Optional[int] = field(default=None, metadata=IDENTITY_IF_SET)
+    probe: bool = field(default=False, metadata=NOT_IDENTITY)  # a report about the teacher, not training
+    view: Optional[str] = field(default=None, metadata=IDENTITY_IF_SET)
 
 
 @dataclass
@@ -180,14 +181,7 @@ def _resolve_teacher(cfg: TransferConfig, modality: Modality, section: TeacherSe
     # A teacher used as built with its own classifier size reads no teacher split.
     train_set = None if as_built and section.num_classes is not None else open_split(
         d, d.teacher, cfg.seed, augment=True, labeled=True, role="teacher")
-    # What the stages' identities hold of the teacher: not its probe (a report of it, not
-    # training), nor an unset num_classes or view, so folders written before these keys existed resume.
-    identity = taught_by(to_dict(section), held)
-    identity.pop("probe")
-    for unset in ("num_classes", "view"):
-        if identity[unset] is None:
-            identity.pop(unset)
-    return _Teacher(section, position, view, held, as_built, train_set, identity)
+    return _Teacher(section, position, view, held, as_built, train_set, taught_by(identity(section), held))
 
 
 def _score_on(cfg: TransferConfig, t: _Teacher, probe_test: Dataset) -> None:
@@ -255,8 +249,9 @@ def build_student(cfg: TransferConfig, modality: Modality, method: str, teacher_
                           teacher_classes if needs_logits(method) else 0, cfg.seed + 1)
 
 
+@register_task("transfer", TransferConfig, PROTOCOLS)
 def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
-    """Run every stage of a transfer recipe and return the report's content."""
+    """Teachers (one, or a list) -> a student on another view, judged by linear probe and finetune."""
     began = time.perf_counter()
     modality = modality_from_config(cfg.modality)
     student_view = view_fn(modality, modality.student_view)
@@ -276,8 +271,7 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
         _score_on(cfg, t, probe_test)
     classes = pool[0].classes
     timings: dict[str, float] = {}
-    record = to_dict(cfg)
-    record["data"].pop("num_workers")  # workers change no result: not part of any stage's identity
+    record = identity(cfg)
     shared = {"student": record["student"], "data": record["data"], "modality": record["modality"], "seed": cfg.seed}
 
     def stages_of(method: str, student: nn.Module, teachers: list[nn.Module], part: _Unlabeled) -> list:
