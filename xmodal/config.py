@@ -113,7 +113,9 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 
     A name given to a section that has one (``data=imagefolder``) switches its ``name`` and keeps
     the section's other keys (splits, subsets, quick=true's sizes); only ``options``, which belong
-    to the dataset or modality named before, are dropped when the name changes.
+    to the dataset or modality named before, are dropped when the name changes. Likewise another
+    ``arch`` (``student.arch=tv:resnet18``) drops the model's ``options`` (``width`` of the former
+    architecture); set ``<model>.options`` after it to give the new one's.
     """
     parts = key.split(".")
     node = data
@@ -126,6 +128,8 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
         node[part] = child
         node = child
     current = node.get(parts[-1])
+    if parts[-1] == "arch" and isinstance(node.get("options"), dict) and current != value:
+        node.pop("options")
     if isinstance(value, str) and isinstance(current, dict) and "name" in current:
         switched = {k: v for k, v in current.items() if k != "options" or current["name"] == value}
         node[parts[-1]] = {**switched, "name": value}

@@ -51,7 +51,7 @@ def _factory(arch: str) -> Factory:
     near = difflib.get_close_matches(arch, _FACTORIES, n=1, cutoff=0.0)
     hint = f"; did you mean {near[0]!r}?" if near else ""
     names = ", ".join(available_models())
-    raise ConfigError(f"unknown arch {arch!r}{hint} Available: {names}, smp:<encoder>")
+    raise ConfigError(f"unknown arch {arch!r}{hint} Available: {names}, smp:<encoder>, timm:<model>, tv:<model>")
 
 
 def resolve_kwargs(arch: str, kwargs: dict[str, Any]) -> dict[str, Any]:
