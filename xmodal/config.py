@@ -113,9 +113,11 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 
     A name given to a section that has one (``data=imagefolder``) switches its ``name`` and keeps
     the section's other keys (splits, subsets, quick=true's sizes); only ``options``, which belong
-    to the dataset or modality named before, are dropped when the name changes. Likewise another
-    ``arch`` (``student.arch=tv:resnet18``) drops the model's ``options`` (``width`` of the former
-    architecture); set ``<model>.options`` after it to give the new one's.
+    to the dataset or modality named before, are dropped when the name changes. Likewise an
+    ``arch`` from another library (``student.arch=tv:resnet18`` where the recipe names xmodal's
+    ``resnet8``) drops the model's ``options`` (``width`` means nothing to torchvision); set
+    ``<model>.options`` after it to give the new one's. Within one library they are kept
+    (``efficientnet_lite0`` -> ``efficientnet_lite1`` keeps ``pretrained``).
     """
     parts = key.split(".")
     node = data
@@ -128,13 +130,18 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
         node[part] = child
         node = child
     current = node.get(parts[-1])
-    if parts[-1] == "arch" and isinstance(node.get("options"), dict) and current != value:
+    if parts[-1] == "arch" and isinstance(node.get("options"), dict) and _library(current) != _library(value):
         node.pop("options")
     if isinstance(value, str) and isinstance(current, dict) and "name" in current:
         switched = {k: v for k, v in current.items() if k != "options" or current["name"] == value}
         node[parts[-1]] = {**switched, "name": value}
         return
     node[parts[-1]] = value
+
+
+def _library(arch: Any) -> str:
+    """``timm`` of ``timm:resnet18``, ``tv`` of ``tv:resnet18``, ``""`` of xmodal's own names."""
+    return arch.split(":", 1)[0] if isinstance(arch, str) and ":" in arch else ""
 
 
 # ------------------------------------------------------------ typed structure

@@ -39,7 +39,7 @@ def test_tiny_cifar_run_reports_every_method_and_teacher_count(cifar10_jpeg, tmp
     assert all(set(r) == {"method", "protocol", "metric", "value", "n_teachers"} for r in report["results"])
     assert all(r["protocol"] == "test" and r["metric"] == "top1" and 0 <= r["value"] <= 100 for r in report["results"])
     assert set(report["teachers"]["ensemble_top1"]) == {"1", "2"} and len(report["teachers"]["members"]) == 2
-    assert (out / "report.png").stat().st_size > 0 and (out / "teachers" / "teacher-1.pt").exists()
+    assert (out / "report.png").stat().st_size > 0 and (out / "teachers" / "teacher-1.safetensors").exists()
     history = json.loads((out / "stages" / "distill-crd_ensemble-m2-s0" / "result.json").read_text())["history"]
     assert {"ce", "crd_0", "crd_1"} <= set(history[0])  # every teacher's critic is logged
     # running again resumes: every stage is finished, so nothing trains and the numbers repeat
@@ -85,7 +85,7 @@ def test_tiny_cross_modal_run_gives_each_teacher_its_own_view(cifar10_jpeg, tmp_
     report = json.loads((out / "report.json").read_text())
     assert [m["view"] for m in report["teachers"]["members"]] == ["L", "rgb"]
     # the networks really were built for those views: 1 input channel for L, 3 for RGB
-    assert [read_checkpoint(out / "teachers" / f"teacher-{i}.pt")["in_channels"] for i in range(2)] == [1, 3]
+    assert [read_checkpoint(out / "teachers" / f"teacher-{i}.safetensors")["in_channels"] for i in range(2)] == [1, 3]
     assert [(r["method"], r["n_teachers"]) for r in report["results"]] == [("crd_ensemble", 2)]
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 import torch
@@ -145,3 +146,34 @@ def test_a_checkpoint_read_once_is_hashed_and_loaded_from_the_same_bytes(saved):
     with pytest.raises(ValueError, match="must be passed as read"):
         taught_by({"checkpoint": str(path)}, None)
     assert taught_by({"arch": "resnet8", "checkpoint": None}, None) == {"arch": "resnet8", "checkpoint": None}
+
+
+def test_safetensors_export_carries_its_network_and_refuses_tampering(tmp_path):
+    import safetensors.torch
+    from safetensors import safe_open
+
+    from xmodal.errors import CheckpointError
+    from xmodal.models.checkpoint import weights_sha256
+
+    torch.manual_seed(0)
+    net = build_model("resnet8", 2, 10, width=4).eval()
+    path = save_backbone(tmp_path / "s.safetensors", net)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    info = json.loads(meta["xmodal"])
+    assert (info["arch"], info["in_channels"], info["num_classes"], info["kwargs"]) == ("resnet8", 2, 10, {"width": 4})
+    tensors = safetensors.torch.load_file(path)  # any safetensors reader
+    assert meta["weights_sha256"] == weights_sha256(net.state_dict()) == weights_sha256(tensors)
+    x = torch.randn(2, 2, 32, 32)
+    assert torch.equal(load_backbone(path).eval()(x).logits, net(x).logits)
+    # the same tensors with one weight changed, under the original metadata: refused
+    tensors["fc.weight"] = tensors["fc.weight"] + 1e-3
+    safetensors.torch.save_file(tensors, tmp_path / "t.safetensors", metadata=meta)
+    with pytest.raises(CheckpointError, match="do not match the sha256"):
+        load_backbone(tmp_path / "t.safetensors")
+    # a safetensors file that xmodal did not write
+    safetensors.torch.save_file({"w": torch.zeros(2)}, tmp_path / "other.safetensors")
+    with pytest.raises(CheckpointError, match="without xmodal's metadata"):
+        load_backbone(tmp_path / "other.safetensors")
+    # the former format still loads
+    assert torch.equal(load_backbone(save_backbone(tmp_path / "old.pt", net)).eval()(x).logits, net(x).logits)

@@ -107,7 +107,7 @@ def test_teacher_of_another_label_set_end_to_end(tmp_path, capsys):
     assert report["teacher"]["classes"] == [CLASSES[3], CLASSES[1]]
     # Its top-1, written out: the test images of classes 3 and 1 (labelled 0 and 1), L view.
     teacher = build_backbone(ModelConfig("resnet8", {"width": 4}), 1, 2, 0)
-    load_weights_into(teacher, out / "teacher.pt", role="teacher")
+    load_weights_into(teacher, out / "teacher.safetensors", role="teacher")
     test = build_dataset("synthetic", None, "test", num_samples=96, seed=0)
     rows = [test[i] for i in range(len(test)) if int(test[i]["label"]) in (3, 1)]
     images = torch.stack([r["image"] for r in rows])
@@ -125,14 +125,14 @@ def test_teacher_of_another_label_set_end_to_end(tmp_path, capsys):
     # The exported teacher loads back with the same classes, and scores the same on them; with
     # another number of classes it is refused before anything trains.
     again = tmp_path / "again"
-    reuse = [*args, f"teacher.checkpoint={out / 'teacher.pt'}", "distill.methods=[random]"]
+    reuse = [*args, f"teacher.checkpoint={out / 'teacher.safetensors'}", "distill.methods=[random]"]
     assert main(["run", "lab-color-transfer", f"output_dir={again}", *reuse]) == 0
     assert json.loads((again / "report.json").read_text())["teacher"]["top1"] == report["teacher"]["top1"]
     # Without data.teacher.classes it teaches, but its two classes are not the test split's ten:
     # no top-1 is made up for it.
     other = tmp_path / "other"
     assert main(["run", "lab-color-transfer", f"output_dir={other}", *TINY, "distill.methods=[kd]",
-                 "protocols=[linear_probe]", f"teacher.checkpoint={out / 'teacher.pt'}"]) == 0
+                 "protocols=[linear_probe]", f"teacher.checkpoint={out / 'teacher.safetensors'}"]) == 0
     unscored = json.loads((other / "report.json").read_text())
     assert unscored["teacher"]["top1"] is None and unscored["teacher"]["classes"] is None
     assert [r["method"] for r in unscored["results"]] == ["kd"]

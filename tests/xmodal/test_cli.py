@@ -6,6 +6,7 @@ import hashlib
 import json
 
 import pytest
+import safetensors.torch
 import torch
 
 from xmodal import __version__
@@ -54,6 +55,13 @@ def test_tiny_lab_run_writes_a_complete_report(tmp_path, capsys):
     assert (out / "report.png").stat().st_size > 0 and "| crd |" in (out / "report.md").read_text()
     assert (out / "config.yaml").exists()
     assert report["threads"] == torch.get_num_threads() and report["torch"] == torch.__version__
+    # each distilled student is exported before finetuning: any safetensors reader opens it, and its
+    # tensors are the distillation stage's student
+    final = torch.load(out / "stages" / "distill-crd" / "final.pt", weights_only=True)
+    exported = safetensors.torch.load_file(out / "students" / "crd.safetensors")
+    assert exported.keys() == {k.removeprefix("student.") for k in final if k.startswith("student.")}
+    assert all(torch.equal(v, final[f"student.{k}"]) for k, v in exported.items())
+    assert not (out / "students" / "random.safetensors").exists()  # nothing was trained
     # The teacher as stages record it keeps the keys folders of earlier versions hold, so they resume:
     # teacher.probe (a report) and an unset teacher.num_classes are not part of it.
     identity = json.loads((out / "stages" / "teacher" / "result.json").read_text())["identity"]
@@ -65,7 +73,7 @@ def test_tiny_lab_run_writes_a_complete_report(tmp_path, capsys):
     # the trained teacher is exported and loads back as teacher.checkpoint, scoring the same
     again = tmp_path / "again"
     assert main(["run", "lab-color-transfer", f"output_dir={again}", *TINY, "distill.methods=[random]",
-                 f"teacher.checkpoint={out / 'teacher.pt'}"]) == 0
+                 f"teacher.checkpoint={out / 'teacher.safetensors'}"]) == 0
     assert json.loads((again / "report.json").read_text())["teacher"]["top1"] == json.loads(first)["teacher"]["top1"]
     assert not (again / "stages" / "teacher").exists()
 

@@ -140,3 +140,15 @@ def test_stage_identity_leaves_out_the_fields_marked_so():
     assert identity(cfg)["teacher"]["view"] == "L"  # set: part of the identity
     ens = resolve("ensemble-cifar", [], {"ensemble": EnsembleConfig})
     assert set(identity(ens)["data"]) == set(to_dict(ens)["data"]) - {"test", "num_workers"}
+
+
+def test_an_arch_from_another_library_drops_the_recipes_model_options():
+    from xmodal.config import resolve
+    from xmodal.tasks.transfer import TransferConfig
+
+    schemas = {"transfer": TransferConfig}
+    assert resolve("lab-color-transfer", ["student.arch=tv:resnet18"], schemas).student.options == {}
+    given = resolve("lab-color-transfer", ["student.arch=tv:resnet18", "student.options={weights: /w.pt}"], schemas)
+    assert given.student.options == {"weights": "/w.pt"}
+    same_library = resolve("lab-imagenet-teacher", ["data.root=/x", "teacher.model.arch=efficientnet_lite1"], schemas)
+    assert same_library.teacher.model.options == {"pretrained": True, "input_size": 64}

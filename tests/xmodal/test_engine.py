@@ -195,6 +195,20 @@ def test_generator_states_survive_a_weights_only_file(tmp_path):
     assert draws() == first
 
 
+def test_the_private_accelerate_api_the_engine_relies_on_is_there():
+    """The Engine drops a single process's Accelerate state with AcceleratorState._reset_state
+    (private; setup.cfg pins accelerate to the versions the suite passed on). If a release removes
+    or renames it, this fails by name rather than a run failing later."""
+    import inspect
+
+    from accelerate.state import AcceleratorState, PartialState
+
+    reset = getattr(AcceleratorState, "_reset_state", None)
+    assert callable(reset), "accelerate no longer has AcceleratorState._reset_state: see xmodal/engine.py"
+    assert "reset_partial_state" in inspect.signature(reset).parameters
+    assert isinstance(PartialState._shared_state, dict)
+
+
 def test_a_later_engine_in_one_process_gets_its_own_precision(tmp_path):
     # Accelerate keeps one state per process and refused a second Accelerator with another
     # precision (or, on a GPU machine, cpu=True after a GPU run: seen on an H100). Each Engine

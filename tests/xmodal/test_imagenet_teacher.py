@@ -29,7 +29,7 @@ def test_imagenet_teacher_recipe_runs_on_real_images(tmp_path, cifar10_jpeg):
     teacher = report["teacher"]
     assert teacher["top1"] is None and teacher["classes"] is None and teacher["trained_here"] is False
     assert teacher["input_size"] == 64 and teacher["view"] == "L_grey"
-    assert not (out / "stages" / "teacher").exists() and not (out / "teacher.pt").exists()
+    assert not (out / "stages" / "teacher").exists() and not (out / "teacher.safetensors").exists()
     # KD distils the 1000-way soft labels into a 1000-way student head
     kd = torch.load(out / "stages" / "distill-kd" / "final.pt", weights_only=True)
     assert kd["student.fc.weight"].shape[0] == 1000

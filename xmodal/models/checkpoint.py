@@ -1,19 +1,30 @@
 """Backbone checkpoints that know which network they hold.
 
-A file is a dict ``{"arch", "in_channels", "num_classes", "kwargs", "state_dict",
-"xmodal_version"}`` written atomically, so a crash never leaves half a checkpoint behind.
-Loading into the wrong network fails with one line naming the file and the difference.
+Two formats, chosen by the file's suffix and recognised by its bytes when read:
+
+- ``.safetensors`` (what runs export): the weights as safetensors tensors, readable by any
+  safetensors reader, with the header's ``__metadata__`` holding ``xmodal`` (JSON: ``arch``,
+  ``in_channels``, ``num_classes``, ``kwargs``, ``xmodal_version``) and ``weights_sha256`` (of the
+  tensors' names, dtypes, shapes and bytes, checked when xmodal reads the file);
+- ``.pt``: a torch file of the dict ``{"arch", "in_channels", "num_classes", "kwargs",
+  "state_dict", "xmodal_version"}``, read as tensors only (older runs' exports).
+
+Either is written atomically, so a crash never leaves half a checkpoint behind. Loading into the
+wrong network fails with one line naming the file and the difference.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import safetensors
+import safetensors.torch
 import torch
 from torch import Tensor
 
@@ -28,22 +39,34 @@ _KEYS = ("arch", "in_channels", "num_classes", "kwargs", "state_dict", "xmodal_v
 _SHOWN = 3  # keys listed per kind of state-dict mismatch
 
 
+def weights_sha256(state: dict[str, Tensor]) -> str:
+    """sha256 of a state dict's tensors: names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_backbone(path: PathLike, model: Backbone) -> Path:
-    """Write ``model`` (architecture + weights) to ``path`` atomically; returns the path."""
+    """Write ``model`` (architecture + weights) to ``path`` atomically, as safetensors when the
+    suffix is ``.safetensors``, else as a torch file; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "arch": model.arch,
-        "in_channels": model.in_channels,
-        "num_classes": model.num_classes,
-        "kwargs": dict(model.build_kwargs),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "xmodal_version": __version__,
-    }
+    header = {"arch": model.arch, "in_channels": model.in_channels, "num_classes": model.num_classes,
+              "kwargs": dict(model.build_kwargs), "xmodal_version": __version__}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if path.suffix == ".safetensors":
+        data = safetensors.torch.save(state, metadata={"xmodal": json.dumps(header), "format": "pt",
+                                                       "weights_sha256": weights_sha256(state)})
+        write = lambda f: f.write(data)  # noqa: E731
+    else:
+        write = lambda f: torch.save({**header, "state_dict": state}, f)  # noqa: E731
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -86,11 +109,46 @@ def open_checkpoint(path: PathLike, role: str = "") -> CheckpointFile:
     if not Path(path).is_file():
         raise CheckpointError(f"{name} does not exist")
     data = Path(path).read_bytes()
+    if _is_safetensors(data):
+        return CheckpointFile(str(path), _safetensors_payload(data, name), hashlib.sha256(data).hexdigest())
     payload = load_tensors(io.BytesIO(data), name, "expected a backbone checkpoint written by xmodal")
     missing = [k for k in _KEYS if not isinstance(payload, dict) or k not in payload]
     if missing:
         raise CheckpointError(f"{name} is not an xmodal backbone checkpoint (missing {', '.join(missing)})")
     return CheckpointFile(str(path), payload, hashlib.sha256(data).hexdigest())
+
+
+def _is_safetensors(data: bytes) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then a JSON header."""
+    if len(data) < 10:
+        return False
+    size = int.from_bytes(data[:8], "little")
+    return 2 <= size <= len(data) - 8 and data[8:9] == b"{"
+
+
+def _safetensors_payload(data: bytes, name: str) -> dict[str, Any]:
+    """The checkpoint dict of a safetensors file xmodal exported; CheckpointError for another
+    safetensors file or one whose tensors no longer match their recorded sha256."""
+    try:
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+        state = safetensors.torch.load(data)
+    except (ValueError, UnicodeDecodeError, safetensors.SafetensorError) as err:
+        raise CheckpointError(f"{name} is not a readable safetensors file ({err})") from None
+    meta = header.get("__metadata__") or {}
+    if "xmodal" not in meta:
+        raise CheckpointError(f"{name} is a safetensors file without xmodal's metadata (arch, in_channels, ...); "
+                              "expected a backbone exported by xmodal")
+    try:
+        info = json.loads(meta["xmodal"])
+    except ValueError:
+        raise CheckpointError(f"{name}: its xmodal metadata is not JSON") from None
+    missing = [k for k in _KEYS if k != "state_dict" and k not in info]
+    if missing:
+        raise CheckpointError(f"{name} is not an xmodal backbone checkpoint (missing {', '.join(missing)})")
+    if meta.get("weights_sha256") != weights_sha256(state):
+        raise CheckpointError(f"{name}: its weights do not match the sha256 recorded when it was written "
+                              "(the file was altered)")
+    return {**info, "state_dict": state}
 
 
 def taught_by(teacher: dict[str, Any], held: Optional[CheckpointFile], role: str = "teacher") -> dict[str, Any]:

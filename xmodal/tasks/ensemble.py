@@ -36,7 +36,7 @@ from xmodal.tasks.evaluation import classify_top1, top1
 from xmodal.tasks.subset import check_classifiable, open_split
 from xmodal.tasks import register_task
 from xmodal.tasks.distill import Method, distill_stages, teacher_scales
-from xmodal.tasks.supervised import build_backbone, supervised_stage
+from xmodal.tasks.supervised import build_backbone, export, supervised_stage
 
 #: Loss weights of each method: γ on CE, α on KD from the averaged ensemble, β on every critic.
 METHODS: dict[str, dict[str, float]] = {
@@ -188,6 +188,7 @@ def run_ensemble(cfg: EnsembleConfig, engine: Engine) -> dict[str, Any]:
                                                student_record)
                 result = engine.run(stage, lambda: {"top1": classify_top1(
                     engine, student, test_set, view_fn(modality, modality.student_view), desc=f"{stage.name} test")})
+            export(engine, f"students/{method}-m{m}-s{seed}", student)
             timings[stage.name] = time.perf_counter() - t0
             per_seed.append({"method": method, "n_teachers": m, "seed": seed, "top1": result["top1"]})
     return {

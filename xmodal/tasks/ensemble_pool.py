@@ -3,7 +3,7 @@
 A pool is ``count`` teachers of one architecture trained with seeds ``seed, seed + 1, ...`` on one
 view (the seed also orders its data); ``members[i]``, where given, overrides teacher ``i`` (its
 architecture, view, seed, or a checkpoint to load instead of training). Every
-trained teacher is also exported as a backbone checkpoint (``<output_dir>/teachers/teacher-<i>.pt``)
+trained teacher is also exported as a backbone checkpoint (``<output_dir>/teachers/teacher-<i>.safetensors``)
 that another run can list under ``members[i].checkpoint``. The pool's own accuracy is measured
 on the test split: each member's top-1 and, for each M, that of the first M members' averaged
 softmax.
@@ -24,11 +24,11 @@ from xmodal.config import to_dict
 from xmodal.engine import Engine
 from xmodal.errors import ConfigError
 from xmodal.modalities import Modality, view_fn
-from xmodal.models import load_backbone, save_backbone
+from xmodal.models import load_backbone
 from xmodal.models.checkpoint import CheckpointFile, open_checkpoint, taught_by
 from xmodal.schema import ModelConfig, TrainConfig
 from xmodal.tasks.evaluation import extract, top1
-from xmodal.tasks.supervised import build_backbone, supervised_stage
+from xmodal.tasks.supervised import build_backbone, export, supervised_stage
 
 
 @dataclass
@@ -154,7 +154,6 @@ def build_pool(engine: Engine, members: Sequence[Member], modality: Modality, tr
     ``record`` is the part of the recipe that defines a teacher's stage besides its own spec.
     """
     teachers, logits, labels = [], [], torch.empty(0, dtype=torch.long)
-    export = engine.output_dir / "teachers"
     for m in members:
         view = view_fn(modality, m.view)
         if m.checkpoint:
@@ -166,8 +165,7 @@ def build_pool(engine: Engine, members: Sequence[Member], modality: Modality, tr
                                       {**record, "teacher": to_dict(m), "train": to_dict(train)})
             with data_order(engine, m.seed):
                 engine.run(stage)
-            if engine.is_main:
-                save_backbone(export / f"teacher-{m.position}.pt", teacher)
+            export(engine, f"teachers/teacher-{m.position}", teacher)
         teacher.to(engine.device).eval().requires_grad_(False)
         _, labels, member_logits = extract(engine, teacher, test_set, view, desc=f"teacher {m.position} test")
         teachers.append(teacher)

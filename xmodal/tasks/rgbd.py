@@ -41,7 +41,7 @@ from xmodal.tasks.segmentation import (
     segmenter_for,
 )
 from xmodal.tasks.subset import class_balanced_subset
-from xmodal.tasks.supervised import build_backbone, configured_model
+from xmodal.tasks.supervised import build_backbone, configured_model, export
 
 #: What each pretrained teacher's weights expect as input (``modality.options.rgb_norm``).
 TEACHER_RGB_NORM = {"efficientnet_lite0": "lite0"}
@@ -223,6 +223,8 @@ def run_rgbd(cfg: RGBDConfig, engine: Engine) -> dict[str, Any]:
             warm_start=cfg.distill.warm_start, record=distill_key, sample=sample)
         for stage in stages:
             engine.run(stage)
+        if stages:  # the distilled depth encoder, before any segmentation training
+            export(engine, f"students/{method}", student)
         timings[f"distill-{method}"] = time.perf_counter() - t0
         distilled = stages[-1].config if stages else None  # the segmentation starts from this student
         for mode in cfg.segmentation.encoder_modes:

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from xmodal.engine import Stage
-from xmodal.models import build_model
+from xmodal.engine import Engine, Stage
+from xmodal.models import build_model, save_backbone
 from xmodal.models.base import keep_stem_fp32
 from xmodal.schema import ModelConfig, TrainConfig
 
@@ -42,3 +42,11 @@ def supervised_stage(name: str, model: nn.Module, dataset: Dataset, view: Callab
 
     return Stage.on_schedule(train, name=name, module=model, step=step, dataset=dataset, config=dict(record),
                              on_epoch_start=getattr(dataset, "set_epoch", None))
+
+
+def export(engine: Engine, name: str, model: nn.Module) -> None:
+    """Write ``model`` to ``<output_dir>/<name>.safetensors`` (the main process, once): a backbone
+    any safetensors reader opens, and that ``teacher.checkpoint=`` or ``load_backbone`` reads back."""
+    path = engine.output_dir / f"{name}.safetensors"
+    if engine.is_main and not path.exists():
+        save_backbone(path, model)

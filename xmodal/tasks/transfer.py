@@ -27,7 +27,6 @@ from xmodal.config import IDENTITY_IF_SET, NOT_IDENTITY, identity, to_dict
 from xmodal.engine import Engine
 from xmodal.errors import ConfigError
 from xmodal.modalities import Modality, modality_from_config, view_fn
-from xmodal.models import save_backbone
 from xmodal.models.checkpoint import CheckpointFile, load_weights_into, open_checkpoint, taught_by
 from xmodal.schema import (DistillSection, ImageDataConfig, ModalityConfig, ModelConfig, OptimConfig, RunConfig, SplitConfig,
                            TrainConfig, check_same_classes)
@@ -36,7 +35,7 @@ from xmodal.tasks.distill import distill_stages, needs_logits, teacher_scales
 from xmodal.tasks.evaluation import classify_top1
 from xmodal.tasks.linear_probe import ProbeConfig, linear_probe
 from xmodal.tasks.subset import check_classifiable, open_split
-from xmodal.tasks.supervised import build_backbone, supervised_stage
+from xmodal.tasks.supervised import build_backbone, export, supervised_stage
 
 PROTOCOLS = ("linear_probe", "finetune")
 
@@ -230,11 +229,8 @@ def _ready_teacher(cfg: TransferConfig, engine: Engine, modality: Modality, t: _
         result = engine.run(stage, lambda: {"top1": classify_top1(engine, teacher, t.test_set, view,
                                                                  desc=f"{t.name} test")})
         timings[t.name] = result.get("seconds", 0.0)
-        # reusable as teacher.checkpoint=<output_dir>/teacher.pt (teachers/teacher-<i>.pt in a pool)
-        exported = engine.output_dir / ("teacher.pt" if t.position is None else f"teachers/{t.name}.pt")
-        if engine.is_main and not exported.exists():
-            exported.parent.mkdir(parents=True, exist_ok=True)
-            save_backbone(exported, teacher)
+        # reusable as teacher.checkpoint=<output_dir>/teacher.safetensors (teachers/teacher-<i>... in a pool)
+        export(engine, t.name if t.position is None else f"teachers/{t.name}", teacher)
     teacher.eval().requires_grad_(False)
     return {"top1": result["top1"], "view": t.view, "arch": t.section.model.arch,
             "input_size": getattr(teacher, "input_size", None), "trained_here": not (t.as_built or t.held),
@@ -325,6 +321,8 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
                 stages = stages_of(method, student, teachers[:m], part) if method != "random" else []
                 for stage in stages:
                     engine.run(stage)
+                if stages:  # the distilled student, before any finetuning
+                    export(engine, f"students/{method}{tag}", student)
                 timings[f"distill-{method}{tag}"] = time.perf_counter() - t0
                 # The finetune stage's identity includes the distillation it starts from, all of it.
                 distilled = stages[-1].config if stages else None
