@@ -229,7 +229,7 @@ def probe_worker(precision: str, runs: list[Path]) -> None:
     from xmodal.modalities import modality_from_config, view_fn
     from xmodal.models.checkpoint import read_checkpoint
     from xmodal.tasks.linear_probe import linear_probe
-    from xmodal.tasks.subset import open_split
+    from xmodal.data.subset import open_split
     from xmodal.tasks.transfer import TransferConfig, build_student
 
     # "bf16-native" / "bf16-emulated": bf16 with that kind of convolutions (a CPU table's kind)

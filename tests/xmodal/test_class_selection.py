@@ -15,7 +15,7 @@ from xmodal.errors import ConfigError
 from xmodal.modalities import build_modality
 from xmodal.models.checkpoint import load_weights_into
 from xmodal.schema import ImageDataConfig, ModelConfig, SplitConfig
-from xmodal.tasks.subset import open_split
+from xmodal.data.subset import open_split
 from xmodal.tasks.supervised import build_backbone
 
 # A run small enough for a test: both networks 4 wide, one epoch each, two probe epochs.

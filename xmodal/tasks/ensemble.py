@@ -33,7 +33,7 @@ from xmodal.tasks.ensemble_pool import Member, PoolSection, build_pool, check_ch
     resolve_pool
 from xmodal.tasks.ensemble_report import plot_error_vs_teachers
 from xmodal.tasks.evaluation import classify_top1, top1
-from xmodal.tasks.subset import check_classifiable, open_split
+from xmodal.data.subset import check_classifiable, open_split
 from xmodal.tasks import register_task
 from xmodal.tasks.distill import Method, distill_stages, teacher_scales
 from xmodal.tasks.supervised import build_backbone, export, supervised_stage

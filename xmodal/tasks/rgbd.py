@@ -40,7 +40,7 @@ from xmodal.tasks.segmentation import (
     SegmentationConfig, evaluate_segmentation, frame_numbers, holdout_split, picture_dir, segmentation_stage,
     segmenter_for,
 )
-from xmodal.tasks.subset import class_balanced_subset
+from xmodal.data.subset import class_balanced_subset
 from xmodal.tasks.supervised import build_backbone, configured_model, export
 
 #: What each pretrained teacher's weights expect as input (``modality.options.rgb_norm``).

@@ -32,7 +32,7 @@ from xmodal.errors import ConfigError, DataError
 from xmodal.models.base import Backbone
 from xmodal.models.segmentation import DECODERS, build_segmenter
 from xmodal.schema import OptimConfig, TrainConfig
-from xmodal.tasks.subset import SubsetDataset
+from xmodal.data.subset import SubsetDataset
 from xmodal.tasks.supervised import supervised_stage
 
 ENCODER_MODES = ("frozen", "finetune")

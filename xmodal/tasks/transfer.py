@@ -34,7 +34,7 @@ from xmodal.tasks import register_task
 from xmodal.tasks.distill import distill_stages, needs_logits, teacher_scales
 from xmodal.tasks.evaluation import classify_top1
 from xmodal.tasks.linear_probe import ProbeConfig, linear_probe
-from xmodal.tasks.subset import check_classifiable, open_split
+from xmodal.data.subset import check_classifiable, open_split
 from xmodal.tasks.supervised import build_backbone, export, supervised_stage
 
 PROTOCOLS = ("linear_probe", "finetune")
