@@ -256,7 +256,16 @@ class Engine:
         if kernels is False and self.is_main:
             note = EMULATED_CPU_BF16 if self.cpu_bf16_convs == "emulated" else SLOW_CPU_BF16
             print(f"[xmodal] note: {note}", file=sys.stderr, flush=True)
+        #: fp16 on the CPU autocasts (see :meth:`autocast`) and scales the loss with this scaler,
+        #: as Accelerate's own scaler does on a GPU; its state travels with every checkpoint.
+        self._cpu_scaler = torch.amp.GradScaler("cpu") if mixed_precision == "fp16" and self.device.type == "cpu" \
+            else None
         set_seed(seed)
+
+    @property
+    def scaler(self) -> Optional["torch.amp.GradScaler"]:
+        """The fp16 loss scaler of this run (Accelerate's on a GPU, the engine's on the CPU), or None."""
+        return self._cpu_scaler if self._cpu_scaler is not None else self.accelerator.scaler
 
     def start_outputs(self) -> None:
         """Create the output folder, write ``config.yaml`` and open TensorBoard, once.
@@ -419,8 +428,13 @@ class Engine:
                     terms = stage.step(wrapped, batch)
                 self._check_finite(terms, stage.name, epoch, step_in_epoch)
                 optimizer.zero_grad(set_to_none=True)
-                self.accelerator.backward(terms["loss"])
-                optimizer.step()
+                if self._cpu_scaler is None:  # Accelerate scales fp16 losses on a GPU itself
+                    self.accelerator.backward(terms["loss"])
+                    optimizer.step()
+                else:  # a step whose gradients overflow is skipped and the scale lowered
+                    self._cpu_scaler.scale(terms["loss"]).backward()
+                    self._cpu_scaler.step(optimizer)
+                    self._cpu_scaler.update()
                 for key, value in terms.items():
                     sums[key] = sums.get(key, 0.0) + float(value.detach())
                 count += 1
@@ -468,6 +482,7 @@ class Engine:
                 "module": state,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
+                "scaler": None if self.scaler is None else self.scaler.state_dict(),
                 "rng": rng,
                 "history": history,
             },
@@ -493,6 +508,8 @@ class Engine:
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
+            if self.scaler is not None and ckpt.get("scaler"):  # a run before scalers were saved starts afresh
+                self.scaler.load_state_dict(ckpt["scaler"])
             _set_rng_state(ckpt["rng"][self.rank] if self.rank < len(ckpt["rng"]) else ckpt["rng"][0])
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as err:
             # an older xmodal's RNG states (numpy arrays), or a damaged file

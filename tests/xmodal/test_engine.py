@@ -82,6 +82,49 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
     assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
 
 
+def _overflowing_stage(on_epoch_start=None) -> Stage:
+    """A stage whose fp16 gradients overflow at the scaler's first scales (the loss is large), so
+    the first steps are skipped and the scale backs off: a resumed run that forgot the scale would
+    skip again and end elsewhere."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+
+    def step(wrapped, batch):
+        loss = 3000.0 * nn.functional.cross_entropy(wrapped(batch["x"]), batch["label"])
+        return {"loss": loss, "ce": loss}
+
+    return Stage(name="fp16", module=model, step=step, dataset=Toy(), epochs=4, batch_size=8,
+                 optimizer=lambda p: torch.optim.SGD(p, lr=1e-5), lr_lambda=lambda e: 1.0, config={"fp16": 1},
+                 on_epoch_start=on_epoch_start)
+
+
+def test_fp16_resume_restores_the_loss_scale(tmp_path):
+    def fp16(name):
+        return Engine(tmp_path / name, seed=3, num_workers=0, log=False, mixed_precision="fp16", cpu=True)
+
+    full = _overflowing_stage()
+    engine = fp16("a")
+    engine.run(full)
+    scale = engine.scaler.get_scale()
+    assert scale < 65536.0  # steps overflowed and the scale backed off
+
+    def crash(epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt  # as if the process died after writing epoch 2's checkpoint
+    killed = fp16("b")
+    with pytest.raises(KeyboardInterrupt):
+        killed.run(_overflowing_stage(on_epoch_start=crash))
+    saved = torch.load(tmp_path / "b/stages/fp16" / CHECKPOINT, weights_only=True)["scaler"]
+    assert saved["scale"] < 65536.0
+    killed.close()
+    resumed = _overflowing_stage()
+    fresh = fp16("b")  # a new process: its scaler starts at 65536 until the checkpoint is read
+    fresh.run(resumed)
+    assert fresh.scaler.get_scale() == scale
+    for key, value in full.module.state_dict().items():
+        assert torch.equal(value, resumed.module.state_dict()[key]), key
+
+
 def test_finished_stage_is_reloaded_not_retrained(engine):
     first = _stage()
     engine.run(first)
