@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 #: Keys in which runs of one experiment may differ: the seed, where they ran, how many loader workers.
-_PER_RUN = ("seed", "seeds", "output_dir")
+_PER_RUN = ("seed", "seeds", "output_dir", "log_with")
 
 
 def combine_runs(output: str, runs: list[str]) -> dict[str, Path]:
@@ -162,7 +162,7 @@ def _run_one(cfg: Any, output_dir: Path, command: str, tasks: dict,
 
     resolved = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     engine = Engine(output_dir, seed=cfg.seed, mixed_precision=cfg.mixed_precision, cpu=cfg.cpu,
-                    cpu_bf16_convs=cfg.cpu_bf16_convs,
+                    cpu_bf16_convs=cfg.cpu_bf16_convs, log=cfg.log_with,
                     num_workers=_workers(cfg.data.name, cfg.data.num_workers), resolved_config=resolved)
     try:
         return _run_and_report(cfg, engine, command, tasks, show)

@@ -13,6 +13,7 @@ global batch size, and a resumed run the same batches as an uninterrupted one.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -226,26 +227,29 @@ class Engine:
             convolutions (:mod:`xmodal.precision`).
         cpu: force the CPU even when an accelerator is present.
         num_workers: DataLoader workers per process (they only decode).
-        log: write TensorBoard logs.
+        log: the trackers the per-epoch scalars go to, through Accelerate (``tensorboard``,
+            ``wandb``, ``mlflow``, ``aim``; each needs its package installed), all under ``tb/``;
+            ``True``: TensorBoard; ``False`` or ``[]``: none.
     """
 
     def __init__(self, output_dir: Path, seed: int = 0, mixed_precision: str = "no", cpu: bool = False,
-                 num_workers: int = 2, log: bool = True, resolved_config: Optional[str] = None,
+                 num_workers: int = 2, log: Union[bool, Sequence[str]] = True, resolved_config: Optional[str] = None,
                  cpu_bf16_convs: str = "auto") -> None:
         if mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"mixed_precision={mixed_precision!r}: expected 'no', 'fp16' or 'bf16'")
         self.output_dir = Path(output_dir)
         self.seed, self.num_workers = seed, num_workers
+        trackers = check_trackers(["tensorboard"] if log is True else list(log or []))
         _release_single_process_state()
         self.accelerator = Accelerator(
             mixed_precision=mixed_precision,
             cpu=cpu,
-            log_with="tensorboard" if log else None,
+            log_with=trackers or None,
             project_dir=str(self.output_dir / "tb"),
             # Students may leave heads unused (e.g. a classifier when only CRD trains).
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
-        self._log, self._resolved_config, self._started = log, resolved_config, False
+        self._log, self._resolved_config, self._started = bool(trackers), resolved_config, False
         self._lock = OutputLock(self.output_dir)
         if self.is_main:  # a folder another live run is writing is refused before any work
             OutputLock.check(self.output_dir)
@@ -608,6 +612,20 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state.cpu(), index)
+
+
+#: Trackers Accelerate logs to, and the package each needs.
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim"}
+
+
+def check_trackers(names: Sequence[str]) -> list[str]:
+    """``names`` if each is a known tracker whose package is installed; else one ConfigError."""
+    for name in names:
+        if name not in TRACKERS:
+            raise ConfigError(f"log_with: unknown tracker {name!r}; expected some of {list(TRACKERS)}")
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise ConfigError(f"log_with={name} needs its package: pip install {TRACKERS[name]}")
+    return list(names)
 
 
 def _release_single_process_state() -> None:

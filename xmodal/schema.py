@@ -191,3 +191,5 @@ class RunConfig:
     # CPU lacks oneDNN's bf16 path; "emulated" / "native" force one (xmodal/precision.py).
     cpu_bf16_convs: str = "auto"
     cpu: bool = False
+    # Trackers of the per-epoch scalars (Accelerate's): tensorboard, wandb, mlflow, aim; [] for none.
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])

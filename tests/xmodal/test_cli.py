@@ -339,3 +339,24 @@ def test_a_task_registered_twice_is_refused():
         register_task("transfer", transfer.schema, transfer.protocols)(lambda cfg, engine: {})
     with pytest.raises(ValueError, match="unknown protocols"):
         register_task("mine", transfer.schema, ("accuracy",))
+
+
+def test_trackers_get_the_epoch_scalars_or_are_refused_in_one_line(tmp_path, error_line):
+    import importlib.util
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    quiet = tmp_path / "quiet"
+    args = [*TINY, "distill.methods=[crd]", "protocols=[linear_probe]"]
+    assert main(["run", "lab-color-transfer", f"output_dir={quiet}", *args, "log_with=[]"]) == 0
+    assert not (quiet / "tb").exists()
+    logged = tmp_path / "logged"
+    assert main(["run", "lab-color-transfer", f"output_dir={logged}", *args]) == 0  # tensorboard by default
+    events = EventAccumulator(str(next((logged / "tb").rglob("events.out.tfevents.*")).parent)).Reload()
+    assert {"teacher/loss", "distill-crd/loss", "distill-crd/crd"} <= set(events.Tags()["scalars"])
+    assert main(["run", "lab-color-transfer", f"output_dir={tmp_path / 'x'}", *args, "log_with=[tensorbored]"]) == 2
+    assert "unknown tracker 'tensorbored'" in error_line()
+    if importlib.util.find_spec("wandb") is None:
+        assert main(["run", "lab-color-transfer", f"output_dir={tmp_path / 'y'}", *args, "log_with=[wandb]"]) == 2
+        assert error_line() == "xmodal: error: log_with=wandb needs its package: pip install wandb"
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
