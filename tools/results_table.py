@@ -11,33 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-
-def table(report: dict) -> str:
-    rows = report["results"]
-    protocols = list(dict.fromkeys(r["protocol"] for r in rows))
-    per_seed = {}
-    for run in report.get("by_seed", []):
-        for r in run["results"]:
-            key = (r["method"], r["protocol"], r.get("n_unlabeled"))
-            per_seed.setdefault(key, []).append(f"{r['value']:.2f}")
-    methods = list(dict.fromkeys((r["method"], r.get("n_unlabeled")) for r in rows))
-    head = "| method | " + " | ".join(f"{p} top-1" for p in protocols) + " |"
-    lines = [head, "|" + "---|" * (len(protocols) + 1)]
-    for method, n in methods:
-        cells = []
-        for protocol in protocols:
-            row = next((r for r in rows if (r["method"], r.get("n_unlabeled"), r["protocol"]) == (method, n, protocol)),
-                       None)
-            if row is None:
-                cells.append("—")
-            elif "sd" in row:
-                seeds = per_seed.get((method, protocol, n), [])
-                cells.append(f"{row['value']:.2f} ± {row['sd']:.2f} ({', '.join(seeds)})")
-            else:
-                cells.append(f"{row['value']:.2f}")
-        label = method if n is None else f"{method} (n={n})"
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+from xmodal.report import table
 
 
 def main() -> None:
@@ -46,7 +20,7 @@ def main() -> None:
     report = json.loads(parser.parse_args().report.read_text())
     print(f"`{report['command']}`" + (f" — seeds {report['seeds']}" if report.get("seeds") else ""))
     print()
-    print(table(report))
+    print("\n".join(table(report, each_seed=True)))
     wall = report.get("timings", {}).get("total")
     print()
     threads = sorted({run.get("threads") for run in report.get("by_seed", [])} - {None}) or [report.get("threads")]

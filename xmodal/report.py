@@ -23,12 +23,12 @@ from xmodal.engine import atomic_write_text  # noqa: E402
 BASE_KEYS = ("method", "protocol", "metric", "value", "sd", "n")
 
 
-def _row_key(row: Mapping[str, Any]) -> tuple:
+def row_key(row: Mapping[str, Any]) -> tuple:
     extra = tuple((k, row[k]) for k in sorted(row) if k not in BASE_KEYS)
     return (row["method"],) + extra
 
 
-def _label(key: tuple) -> str:
+def row_label(key: tuple) -> str:
     return key[0] + "".join(f" ({k}={v})" for k, v in key[1:])
 
 
@@ -40,7 +40,7 @@ def pivot(rows: Sequence[Mapping[str, Any]]) -> tuple[list[tuple], list[tuple[st
     cells: dict[tuple, float] = {}
     spreads: dict[tuple, Optional[float]] = {}
     for row in rows:
-        key, col = _row_key(row), (row["protocol"], row["metric"])
+        key, col = row_key(row), (row["protocol"], row["metric"])
         if key not in row_keys:
             row_keys.append(key)
         if col not in columns:
@@ -75,22 +75,35 @@ def combine_seeds(reports: Sequence[Mapping[str, Any]], seeds: Sequence[int]) ->
     return combined
 
 
+def table(report: Mapping[str, Any], each_seed: bool = False) -> list[str]:
+    """The report's rows as a Markdown table: one line per method (and axis value), one column per
+    (protocol, metric); over seeds, mean ± sd, with ``each_seed`` every seed's value beside it."""
+    row_keys, columns, cells, spreads = pivot(report["results"])
+    per_seed: dict[tuple, list[str]] = {}
+    for run in report.get("by_seed", []) if each_seed else []:
+        for r in run["results"]:
+            per_seed.setdefault((row_key(r), (r["protocol"], r["metric"])), []).append(f"{r['value']:.2f}")
+    lines = ["| method | " + " | ".join(f"{p} {m}" for p, m in columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for key in row_keys:
+        shown = []
+        for col in columns:
+            cell = _cell(cells.get((key, col)), spreads.get((key, col)))
+            values = per_seed.get((key, col))
+            shown.append(f"{cell} ({', '.join(values)})" if values and spreads.get((key, col)) is not None else cell)
+        lines.append(f"| {row_label(key)} | " + " | ".join(shown) + " |")
+    return lines
+
+
 def markdown(report: Mapping[str, Any]) -> str:
     """The report's table and context as Markdown."""
-    row_keys, columns, cells, spreads = pivot(report["results"])
     lines = [f"# {report.get('recipe', 'xmodal run')}", ""]
     if report.get("description"):
         lines += [str(report["description"]).strip(), ""]
     if report.get("command"):
         lines += ["Command:", "", f"    {report['command']}", ""]
-    header = "| method | " + " | ".join(f"{p} {m}" for p, m in columns) + " |"
     if report.get("seeds"):
         lines += [f"Mean ± sd over seeds {', '.join(map(str, report['seeds']))}.", ""]
-    lines += [header, "|" + "---|" * (len(columns) + 1)]
-    for key in row_keys:
-        shown = [_cell(cells.get((key, c)), spreads.get((key, c))) for c in columns]
-        lines.append(f"| {_label(key)} | " + " | ".join(shown) + " |")
-    lines.append("")
+    lines += [*table(report), ""]
     members = (report.get("teachers") or {}).get("members") or []
     described = [("teacher", report.get("teacher") or {})] + [(f"teacher-{i}", m) for i, m in enumerate(members)]
     for name, teacher in described:
@@ -137,7 +150,7 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
         bars = ax.bar(xs, ys, width, label=f"{col[0]} {col[1]}",
                       yerr=errors if any(errors) else None, capsize=2 if any(errors) else 0)
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    ax.set_xticks(range(len(row_keys)), [_label(k) for k in row_keys], rotation=30, ha="right")
+    ax.set_xticks(range(len(row_keys)), [row_label(k) for k in row_keys], rotation=30, ha="right")
     ax.set_ylabel("value")
     ax.set_title(str(report.get("recipe", "")))
     if columns:  # a run with no rows (every method skipped) draws empty axes, without a legend
