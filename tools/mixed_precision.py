@@ -1,6 +1,6 @@
 """bf16 autocast against fp32, seed by seed: the Lab recipe's distillation and linear probe.
 
-For every seed, three runs of the same command (docs/reliability.md, "Mixed precision"):
+For every seed, three runs of the same command (docs/notes/mixed-precision-cpu-study.md):
 
 * ``no``   fp32 (two threads on this machine),
 * ``bf16`` ``mixed_precision=bf16``,
@@ -191,7 +191,7 @@ RECORDED_HEADER = "| seed | fp32 | fp32, 1 thread | bf16 |"
 
 def recorded_pairs(doc: Path) -> dict[int, float]:
     """bf16 - fp32 per seed from the first table of ``doc`` headed ``RECORDED_HEADER`` (the table
-    docs/reliability.md keeps of runs no longer on disk: ``runs/`` is not kept between sessions)."""
+    docs/notes/mixed-precision-cpu-study.md keeps of runs no longer on disk)."""
     import re
 
     text = doc.read_text()
@@ -393,7 +393,7 @@ def main() -> None:
                              "read must have recorded this count")
     parser.add_argument("--recorded", type=Path, default=None, metavar="DOC",
                         help="also pool the bf16 - fp32 pairs of DOC's first per-seed table (e.g. "
-                             "docs/reliability.md: seeds 0-39, runs no longer on disk) with the runs read")
+                             "docs/notes/mixed-precision-cpu-study.md: seeds 0-39, runs no longer on disk) with the runs read")
     parser.add_argument("--plot", type=Path, default=None, help="default: <runs>/<prefix>.png")
     parser.add_argument("--margin", type=float, default=1.0, help="equivalence margin in points")
     parser.add_argument("--against", metavar="PREFIX", default=None,

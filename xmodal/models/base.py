@@ -140,7 +140,7 @@ def keep_stem_fp32(model: nn.Module, arch: str) -> None:
     """Run ``model``'s stem in float32 under autocast (``ModelConfig.fp32_stem``).
 
     Under CPU bf16 autocast the Lab recipe's ab student's first convolution carried a
-    systematic gradient error; docs/reliability.md ("Mixed precision") measures what keeping
+    systematic gradient error; docs/notes/mixed-precision-cpu-study.md measures what keeping
     the stem in float32 does to the linear probe. Only backbones whose stem is their own
     module (:class:`StagedBackbone`: the CIFAR ResNets, WRNs and VGGs, torchvision's ResNets) can;
     the others run their stem inside a library's forward and get a :class:`ConfigError`.
