@@ -1,27 +1,20 @@
-"""Training on Accelerate: devices, mixed precision, processes; atomic checkpoints and resume.
+"""Training on Accelerate: devices, mixed precision, processes; checkpoints and resume.
 
 One ``Engine`` per ``xmodal run``. Each stage of a recipe (teacher, a distillation method, a
-finetune) is a :class:`Stage`: a module holding everything trainable, a step function that
-returns named loss terms, a dataset and a schedule. :meth:`Engine.fit` runs it epoch by epoch,
-writes a full-state checkpoint after every epoch (one file, replaced atomically) and, when the
-stage's folder already holds one, continues from it.
-
-Data order is a pure function of ``(seed, epoch)`` and each rank takes its slice of every
-*global* batch, so a run on P processes sees the same batches as one process at the same
-global batch size, and a resumed run the same batches as an uninterrupted one.
+finetune) is a :class:`xmodal.stage.Stage`: a module holding everything trainable, a step
+function that returns named loss terms, a dataset and a schedule. :meth:`Engine.fit` runs it
+epoch by epoch in the order :class:`xmodal.sampler.GlobalBatchSampler` gives, writes a
+full-state checkpoint after every epoch (one file, replaced atomically: :mod:`xmodal.files`) and,
+when the stage's folder already holds one of the same identity, continues from it.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
-import math
-import os
 import random
 import sys
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
@@ -32,15 +25,16 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from xmodal.errors import CheckpointError, ConfigError, XmodalError
 from xmodal.models.batchnorm import convert_batchnorm
 from xmodal.precision import EmulatedBf16, cpu_bf16_kernels, resolve_cpu_bf16_convs
 from xmodal.runlock import OutputLock
-from xmodal.safeload import load_tensors
-from xmodal.schema import TrainConfig
+from xmodal.files import atomic_save, atomic_write_text, read_state_file
+from xmodal.sampler import GlobalBatchSampler
+from xmodal.stage import Stage, another_configuration, as_json, fingerprint
 
 CHECKPOINT = "checkpoint.pt"
 FINAL = "final.pt"
@@ -50,159 +44,6 @@ _CHECKPOINT_KEYS = {"config", "epoch", "module", "optimizer", "scheduler", "rng"
 
 class NonFiniteLossError(XmodalError, FloatingPointError):
     """A loss term became NaN or Inf: the step was not applied and no checkpoint was written."""
-
-
-# -------------------------------------------------------------------- files
-def _atomic_write(path: Path, mode: str, write: Callable[[Any], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, mode) as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    A process killed at any point leaves either the old file or the new one, never a torn one.
-    """
-    _atomic_write(path, "wb", lambda handle: torch.save(obj, handle))
-
-
-def read_state_file(path: Path, remedy: str, map_location: Any = "cpu") -> Any:
-    """A file a stage wrote, as tensors and plain data only (:func:`xmodal.safeload.load_tensors`)."""
-    return load_tensors(path, str(path), remedy, map_location)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file + rename)."""
-    _atomic_write(path, "w", lambda handle: handle.write(text))
-
-
-def _canonical(obj: Any) -> str:
-    """The one serialisation of a stage's config that its fingerprint and its kept identity share."""
-    return json.dumps(obj, sort_keys=True, default=str)
-
-
-def fingerprint(obj: Any) -> str:
-    """A short stable hash of a JSON-able object (a stage's config)."""
-    return hashlib.sha256(_canonical(obj).encode()).hexdigest()[:16]
-
-
-def _as_json(obj: Any) -> Any:
-    """``obj`` as its fingerprint reads it (tuples as lists, other objects as strings)."""
-    return json.loads(_canonical(obj))
-
-
-_MISSING = "(absent)"
-
-
-def _differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two JSON-like configs (a key on one side only too)."""
-    if isinstance(saved, dict) and isinstance(now, dict):
-        keys = sorted(set(saved) | set(now))
-        return [d for k in keys for d in _differences(saved.get(k, _MISSING), now.get(k, _MISSING), f"{prefix}{k}.")]
-    return [] if saved == now else [prefix.rstrip(".") or "(the whole configuration)"]
-
-
-def _another_configuration(what: str, saved: Optional[Any], identity: Mapping[str, Any]) -> str:
-    """The refusal of a stage trained otherwise, naming what differs where the folder recorded it."""
-    if saved is None:  # folders from before the identity was kept beside the fingerprint
-        return what
-    keys = _differences(saved, _as_json(identity))
-    shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-    ran = saved.get("precision", {}).get("cpu_bf16_convs") if isinstance(saved.get("precision"), dict) else None
-    if "precision.cpu_bf16_convs" in keys and ran:
-        # cpu_bf16_convs=auto resolves by the host's CPU: a folder begun on another machine says how to go on
-        shown += f"; cpu_bf16_convs={ran} runs it as it ran"
-    return f"{what} (it differs in {shown})" if keys else what
-
-
-# ----------------------------------------------------------------- batching
-class GlobalBatchSampler(Sampler[list[int]]):
-    """This rank's share of each global batch; the order depends only on ``(seed, epoch)``.
-
-    Args:
-        size: dataset length.
-        batch_size: the global batch size, split evenly over ``world`` ranks.
-        shuffle: permute the dataset each epoch (a ``randperm`` seeded by ``seed, epoch``).
-        drop_last: drop a last partial global batch (training); evaluation keeps it.
-    """
-
-    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int, epoch: int,
-                 drop_last: bool, rank: int = 0, world: int = 1) -> None:
-        if batch_size % world:
-            raise ConfigError(f"batch_size={batch_size} must be divisible by the number of processes ({world})")
-        self.size, self.batch_size, self.shuffle = size, batch_size, shuffle
-        self.seed, self.epoch, self.drop_last = seed, epoch, drop_last
-        self.rank, self.world = rank, world
-
-    def _order(self) -> Tensor:
-        if not self.shuffle:
-            return torch.arange(self.size)
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return torch.randperm(self.size, generator=g)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        order = self._order()
-        for start in range(0, self.size, self.batch_size):
-            batch = order[start : start + self.batch_size]
-            if len(batch) < self.batch_size and self.drop_last:
-                return
-            share = math.ceil(len(batch) / self.world)
-            mine = batch[self.rank * share : (self.rank + 1) * share]
-            if len(mine):
-                yield mine.tolist()
-
-    def __len__(self) -> int:
-        full, rest = divmod(self.size, self.batch_size)
-        if self.drop_last or not rest:
-            return full
-        share = math.ceil(rest / self.world)
-        return full + (1 if self.rank * share < rest else 0)
-
-
-# -------------------------------------------------------------------- stage
-@dataclass
-class Stage:
-    """One trainable unit of a recipe.
-
-    Attributes:
-        name: folder name under ``<output_dir>/stages/`` (e.g. ``distill-crd``).
-        module: everything trainable, in one module (DDP wraps it as a whole).
-        step: ``step(module, batch) -> {"loss": total, term: value, ...}`` (autocast is on).
-        dataset: yields dict samples.
-        epochs, batch_size: the schedule; ``batch_size`` is global (all ranks together).
-        optimizer: builds the optimizer from the module's trainable parameters.
-        lr_lambda: epoch -> learning-rate factor.
-        config: what defines this stage; a checkpoint of another config is refused.
-        frozen: modules moved to the device and kept in eval mode (teachers).
-        on_epoch_start: called with the epoch before its batches (e.g. ``dataset.set_epoch``).
-    """
-
-    name: str
-    module: nn.Module
-    step: Callable[[nn.Module, dict[str, Tensor]], dict[str, Tensor]]
-    dataset: Dataset
-    epochs: int
-    batch_size: int
-    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
-    lr_lambda: Callable[[int], float] = lambda epoch: 1.0
-    config: Mapping[str, Any] = field(default_factory=dict)
-    frozen: Mapping[str, nn.Module] = field(default_factory=dict)
-    on_epoch_start: Optional[Callable[[int], None]] = None
-
-    @classmethod
-    def on_schedule(cls, train: TrainConfig, **fields: Any) -> "Stage":
-        """A stage on ``train``'s schedule (epochs, batch size, optimizer, learning-rate curve);
-        ``fields`` are the rest of the stage."""
-        return cls(epochs=train.epochs, batch_size=train.batch_size, optimizer=train.optim.build,
-                   lr_lambda=train.optim.lr_lambda(train.epochs), **fields)
 
 
 SLOW_CPU_BF16 = (
@@ -481,7 +322,7 @@ class Engine:
             {
                 "stage": stage.name,
                 "config": fingerprint(self.identity(stage)),
-                "identity": _as_json(self.identity(stage)),
+                "identity": as_json(self.identity(stage)),
                 "epoch": epoch,
                 "module": state,
                 "optimizer": optimizer.state_dict(),
@@ -503,7 +344,7 @@ class Engine:
             raise CheckpointError(f"checkpoint {path} is not an xmodal stage checkpoint; delete it to restart the stage")
         if ckpt.get("config") != fingerprint(self.identity(stage)):
             what = f"checkpoint {path} was written by a run with another configuration of stage {stage.name!r}"
-            raise CheckpointError(f"{_another_configuration(what, ckpt.get('identity'), self.identity(stage))}; "
+            raise CheckpointError(f"{another_configuration(what, ckpt.get('identity'), self.identity(stage))}; "
                                   "choose another output_dir or delete that folder")
         try:
             module.load_state_dict(ckpt["module"])
@@ -536,7 +377,7 @@ class Engine:
         if done is not None:
             if done.get("config") != fingerprint(self.identity(stage)) or not (folder / FINAL).exists():
                 what = f"{folder} holds stage {stage.name!r} of a run with another configuration"
-                raise CheckpointError(f"{_another_configuration(what, done.get('identity'), self.identity(stage))}; "
+                raise CheckpointError(f"{another_configuration(what, done.get('identity'), self.identity(stage))}; "
                                       "choose another output_dir (or delete that folder to redo the stage)")
             redo = f"delete {folder} to redo the stage, or choose another output_dir"
             state = read_state_file(folder / FINAL, redo)
@@ -551,7 +392,7 @@ class Engine:
         began = time.perf_counter()
         history = self.fit(stage)
         result = dict(evaluate())
-        result.update(history=history, config=fingerprint(self.identity(stage)), identity=_as_json(self.identity(stage)),
+        result.update(history=history, config=fingerprint(self.identity(stage)), identity=as_json(self.identity(stage)),
                       seconds=time.perf_counter() - began)
         if self.is_main:
             atomic_save(stage.module.state_dict(), folder / FINAL)

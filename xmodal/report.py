@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from xmodal.engine import atomic_write_text  # noqa: E402
+from xmodal.files import atomic_write_text  # noqa: E402
 
 BASE_KEYS = ("method", "protocol", "metric", "value", "sd", "n")
 
