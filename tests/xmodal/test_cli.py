@@ -329,6 +329,13 @@ def test_tasks_are_listed_with_the_protocols_that_judge_them(capsys):
         assert task.name in out and set(task.protocols) <= set(PROTOCOLS)
         assert f"protocols: {', '.join(task.protocols)}" in out
     assert registered["ensemble"].plot is not None and registered["transfer"].plot is None
+    # a task module imported on its own first must not hide the others
+    import subprocess
+    import sys
+
+    code = ("import xmodal.tasks.transfer\nfrom xmodal.tasks import tasks\n"
+            "assert set(tasks()) == {'transfer', 'rgbd', 'ensemble'}, tasks()")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
 
 
 def test_a_task_registered_twice_is_refused():

@@ -56,8 +56,8 @@ def register_task(name: str, schema: type, protocols: tuple[str, ...],
 
 
 def tasks() -> dict[str, Task]:
-    """Every registered task, by name (the package's modules are imported on the first call)."""
-    if not _REGISTRY:
-        for module in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{module.name}")
+    """Every registered task, by name. Every module of the package is imported (once; a module
+    imported earlier on its own registered only its own task)."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
     return dict(_REGISTRY)
