@@ -22,7 +22,7 @@ from typing import Any, Optional
 import yaml
 
 from xmodal import __version__
-from xmodal.config import available_recipes, resolve, to_dict
+from xmodal.config import available_recipes, from_dict, identity, resolve, to_dict
 from xmodal.errors import ConfigError, XmodalError
 
 EXIT_USER_ERROR = 2
@@ -80,8 +80,19 @@ def combine_runs(output: str, runs: list[str]) -> dict[str, Path]:
             raise ConfigError(f"{path} is not an xmodal report ({type(err).__name__})") from None
         reports.append(report)
 
+    tasks = _tasks()
+
     def experiment(report: dict[str, Any]) -> dict[str, Any]:
+        """What the run computed: its config typed by today's schema (a key added since, at its
+        default, is no difference) without what changes no result; as written where it no longer types."""
         config = {k: v for k, v in report["config"].items() if k not in _PER_RUN}
+        task = tasks.get(config.get("task"))
+        if task is not None:
+            try:
+                typed = identity(from_dict(task.schema, config))
+                return {k: v for k, v in typed.items() if k not in _PER_RUN}
+            except ConfigError:
+                pass
         data = dict(config.get("data") or {})
         data.pop("num_workers", None)
         return {**config, "data": data}

@@ -192,4 +192,4 @@ class RunConfig:
     cpu_bf16_convs: str = "auto"
     cpu: bool = False
     # Trackers of the per-epoch scalars (Accelerate's): tensorboard, wandb, mlflow, aim; [] for none.
-    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"], metadata=NOT_IDENTITY)

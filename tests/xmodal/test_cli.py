@@ -287,6 +287,20 @@ def test_seeds_run_each_seed_and_report_mean_and_sd(tmp_path, capsys):
     capsys.readouterr()
     assert main(["combine", str(tmp_path / "j4"), str(out / "seed-3"), str(other)]) == 2
     assert "ran another configuration" in _error(capsys)
+    # a run recorded before a key existed (here: log_with, distill.n_teachers) at its default is the
+    # same experiment; a key that changes the result is not
+    older = tmp_path / "older"
+    older.mkdir()
+    report = json.loads((out / "seed-4" / "report.json").read_text())
+    report["config"].pop("log_with")
+    report["config"]["distill"].pop("n_teachers")
+    (older / "report.json").write_text(json.dumps(report))
+    assert main(["combine", str(tmp_path / "j5"), str(out / "seed-3"), str(older)]) == 0
+    report["config"]["distill"]["train"]["epochs"] = 9
+    (older / "report.json").write_text(json.dumps(report))
+    capsys.readouterr()
+    assert main(["combine", str(tmp_path / "j6"), str(out / "seed-3"), str(older)]) == 2
+    assert "ran another configuration" in _error(capsys)
     for bad in ("seeds=[]", "seeds=[1,1]"):
         assert main(["run", "lab-color-transfer", f"output_dir={tmp_path / 'bad'}", bad]) == 2
         assert "distinct seeds" in _error(capsys)
