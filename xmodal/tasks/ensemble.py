@@ -121,7 +121,7 @@ def student_stage(cfg: EnsembleConfig, engine: Engine, method: str, members: Seq
     # The stage's identity: only what changes this student (a CE student ignores the CRD options).
     config = {**record, "method": method, "terms": terms, "seed": seed}
     if not members:
-        stage = supervised_stage(f"{method}-s{seed}", student, train_set, view_fn(modality, modality.student_view),
+        stage = supervised_stage(f"train-{method}-s{seed}", student, train_set, view_fn(modality, modality.student_view),
                                  cfg.distill.train, config)
         return stage, student
     config.update(teachers=[m.identity for m in members], teacher_train=to_dict(cfg.teachers.train))
