@@ -31,6 +31,11 @@ from xmodal.modalities import Modality
 AVERAGED = -1
 
 
+def view_names(student_view: str, teachers: Sequence[tuple[nn.Module, str]]) -> list[str]:
+    """The views one batch is converted into: the student's, then each teacher's, each once."""
+    return list(dict.fromkeys([student_view, *(view for _, view in teachers)]))
+
+
 def term_names(terms: Mapping[str, float], n_teachers: int) -> dict[str, tuple[str, int]]:
     """``term name -> (loss name, teacher index or AVERAGED)`` for ``terms`` over ``n_teachers``."""
     names: dict[str, tuple[str, int]] = {}
@@ -74,6 +79,7 @@ class Distiller(nn.Module):
         self.teachers = [teacher for teacher, _ in teachers]  # a plain list: not submodules
         self.teacher_views = [view for _, view in teachers]
         self.student_view = student_view
+        self.view_names = view_names(student_view, teachers)
         self.modality = modality
         self.preact = any(c.needs_preact for c in self.criteria.values())
 
@@ -90,7 +96,7 @@ class Distiller(nn.Module):
         options = dict(options)
         preact = any(losses.get(name).needs_preact for name in terms)
         names = term_names(terms, len(teachers))
-        views = modality.views(sample, list(dict.fromkeys([student_view, *(v for _, v in teachers)])))
+        views = modality.views(sample, view_names(student_view, teachers))
         modes = [student.training] + [t.training for t, _ in teachers]
         with torch.no_grad():
             student.eval()
@@ -123,7 +129,7 @@ class Distiller(nn.Module):
     # ------------------------------------------------------------------ one step
     def inputs(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, list[Features]]:
         """The student's view of ``batch`` and every teacher's features (each view converted once)."""
-        views = self.modality.views(batch, list(dict.fromkeys([self.student_view, *self.teacher_views])))
+        views = self.modality.views(batch, self.view_names)
         with torch.no_grad():
             taught = [teacher(views[view], preact=self.preact).detach()
                       for teacher, view in zip(self.teachers, self.teacher_views)]

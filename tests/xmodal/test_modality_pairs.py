@@ -58,3 +58,14 @@ def test_a_change_of_colour_at_equal_luminance_is_no_edge():
     assert _edges(image).abs().max() < FLAT
     assert build_modality("edges").views({"image": image}, ["rgb"])["rgb"][0, :, 0, 0].ne(
         build_modality("edges").views({"image": image}, ["rgb"])["rgb"][0, :, 0, 7]).any()
+
+
+def test_the_edge_standardisation_is_cifar10s(cifar10_jpeg):
+    """EDGE_MEAN / EDGE_STD recomputed from 500 CIFAR-10 test JPEGs: the standardised edge view has
+    about zero mean and unit spread there."""
+    from xmodal.data import build_dataset
+
+    data = build_dataset("imagefolder", str(cifar10_jpeg), "test", augment=None, labeled=True)
+    images = torch.stack([data[i]["image"] for i in range(0, len(data), len(data) // 500)][:500])
+    edges = build_modality("edges").views({"image": images}, ["edges"])["edges"]
+    assert abs(float(edges.mean())) < 0.1 and abs(float(edges.std()) - 1.0) < 0.1

@@ -152,18 +152,23 @@ class _Teacher:
 
     @property
     def key(self) -> str:
-        return "teacher" if self.position is None else f"teachers[{self.position}]"
+        return _teacher_key(self.position)
 
     def build(self, cfg: TransferConfig, modality: Modality) -> nn.Module:
         return build_backbone(self.section.model, modality.channels[self.view], self.classes,
                               cfg.seed + (self.position or 0))
 
 
+def _teacher_key(position: Optional[int]) -> str:
+    """The recipe key of a teacher: ``teacher``, or ``teachers[i]`` in a list."""
+    return "teacher" if position is None else f"teachers[{position}]"
+
+
 def _resolve_teacher(cfg: TransferConfig, modality: Modality, section: TeacherSection,
                      position: Optional[int]) -> _Teacher:
     """Check one teacher's settings and open the split it trains on; nothing is trained or loaded yet."""
     d = cfg.data
-    key = "teacher" if position is None else f"teachers[{position}]"
+    key = _teacher_key(position)
     view = section.view or modality.teacher_view
     if view not in modality.channels:
         raise ConfigError(f"{key}.view={view!r} is not a view of modality {modality.name!r}; "
