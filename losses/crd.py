@@ -17,9 +17,22 @@ Where it differs from the reference, deliberately:
 * the core runs in float32 with autocast disabled and in log space, so it stays finite under
   fp16/bf16 autocast and as cosines approach 1;
 * banks, ``Z`` and the sampler's random state live in ``state_dict()``.
+
+Two options trade the paper's per-anchor negatives for speed and memory at large N (both off by
+default; ``benchmarks/contrastive_core.py`` measures them):
+
+* ``shared_negatives=True``: one uniform draw of K bank rows per batch serves every anchor (one
+  ``(B, d) @ (d, K)`` product instead of B x (K+1) random row reads);
+* ``bank="queue"``: no N-row banks; the last K embeddings of each view in a MoCo-style ring are
+  every anchor's negatives, its positive the paired view's embedding in the batch
+  (``losses.contrast.queue``). Memory is K x d per view, whatever N. Positives and queue entries
+  come from *key heads*, moving averages of the two embedding heads (MoCo's momentum encoder):
+  were they made by the trained heads themselves, a positive (made now) and the negatives (made
+  by older heads) would differ by their age, and the critic can separate them by that alone.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Optional
 
@@ -30,13 +43,15 @@ from torch import Tensor, nn
 from losses.base import DistillLoss
 from losses.contrast.distributed import all_gather_rows
 from losses.contrast.memory import STATE_KEYS, ContrastMemory
+from losses.contrast.queue import QUEUE_STATE_KEYS, ContrastQueue
 from losses.contrast.objectives import OBJECTIVES, NORMALISERS, batch_log_z, infonce_loss, nce_loss, update_log_z
 from losses.contrast.sampling import NegativeSampler
-from losses.contrast.scoring import ScoreWorkspace, bank_scores, choose_scoring
+from losses.contrast.scoring import ScoreWorkspace, bank_scores, choose_scoring, dense_scores
 from losses.features import Features
 from losses.registry import register
 
 _BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+BANKS = ("full", "queue")
 
 
 class Embed(nn.Module):
@@ -84,6 +99,10 @@ class CRDLoss(DistillLoss):
         labels: ``(N,)`` class of every row; required by ``negatives="class"``.
         scoring: ``"auto"``, ``"full"`` (score every row with one matmul) or ``"gather"``.
         bank_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` storage for the banks.
+        bank: ``"full"`` (two N-row banks, the paper) or ``"queue"`` (the last ``nce_k``
+            embeddings of each view; memory independent of N).
+        shared_negatives: one draw of ``nce_k`` rows per batch for every anchor (full bank).
+        key_momentum: momentum of the queue's key heads (``bank="queue"``; 0: the heads themselves).
         seed: seeds the initial banks and the negative sampler (same on every rank).
 
     Call: ``crd(f_s, f_t, index, contrast_idx=None, labels=None)`` -> scalar loss, with
@@ -113,6 +132,9 @@ class CRDLoss(DistillLoss):
         replacement: bool = False,
         scoring: str = "auto",
         bank_dtype: str = "float32",
+        bank: str = "full",
+        shared_negatives: bool = False,
+        key_momentum: float = 0.99,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -129,16 +151,35 @@ class CRDLoss(DistillLoss):
             raise ValueError(f"nce_t={nce_t}: expected a positive temperature")
         if bank_dtype not in _BANK_DTYPES:
             raise ValueError(f"bank_dtype={bank_dtype!r}: expected one of {tuple(_BANK_DTYPES)}")
+        if bank not in BANKS:
+            raise ValueError(f"bank={bank!r}: expected one of {BANKS}")
+        if bank == "queue" and (negatives, positive, bool(shared_negatives)) != ("uniform", "exact", False):
+            raise ValueError("bank='queue' scores every queue entry of other samples: it does not combine "
+                             "with negatives='class', positive='relax' or shared_negatives")
         self.student_dim, self.teacher_dim, self.n_data = int(student_dim), int(teacher_dim), int(n_data)
         self.nce_k, self.nce_t = int(nce_k), float(nce_t)
         self.objective, self.normaliser, self.z_momentum = objective, normaliser, float(z_momentum)
         self.embed_s = Embed(self.student_dim, feat_dim)
         self.embed_t = Embed(self.teacher_dim, feat_dim)
-        self.sampler = NegativeSampler(self.n_data, self.nce_k, negatives, positive, labels, replacement)
+        self.bank, self.shared_negatives = bank, bool(shared_negatives)
         self.scoring = choose_scoring(scoring, self.n_data, self.nce_k)
         self._workspace = ScoreWorkspace()
         init = torch.Generator().manual_seed(seed)
-        self.memory = ContrastMemory(self.n_data, feat_dim, nce_m, _BANK_DTYPES[bank_dtype], init)
+        if not 0.0 <= key_momentum < 1.0:
+            raise ValueError(f"key_momentum={key_momentum}: expected a momentum in [0, 1)")
+        self.key_momentum = float(key_momentum)
+        if bank == "queue":
+            # Frozen copies, moved towards the heads before each step: not trained, but saved.
+            self.key_s, self.key_t = copy.deepcopy(self.embed_s), copy.deepcopy(self.embed_t)
+            for p in (*self.key_s.parameters(), *self.key_t.parameters()):
+                p.requires_grad_(False)
+            self.sampler = None
+            self.memory = ContrastQueue(self.nce_k, feat_dim, _BANK_DTYPES[bank_dtype], init)
+        else:
+            self.sampler = NegativeSampler(self.n_data, self.nce_k, negatives, positive, labels, replacement)
+            self.memory = ContrastMemory(self.n_data, feat_dim, nce_m, _BANK_DTYPES[bank_dtype], init)
+        # NCE's noise prior is uniform over the rows negatives come from: the queue's K or the bank's N.
+        self._noise_rows = self.nce_k if bank == "queue" else self.n_data
         self._seed = int(seed)
         # Negatives of step t come from a generator seeded by (seed, t): a counter is the whole
         # sampler state, identical on every rank and portable between devices.
@@ -177,15 +218,38 @@ class CRDLoss(DistillLoss):
         self.memory.flush()
         with torch.autocast(device_type=f_s.device.type, enabled=False):
             v_s, v_t = self._embed(f_s, f_t)
-            contrast_idx = self.sample_contrast(index) if contrast_idx is None else contrast_idx.to(index.device)
+            keys = self._keys(f_s, f_t) if self.bank == "queue" else (v_s, v_t)
             # Student anchors against the teacher bank, teacher anchors against the student bank.
             # Scaling the B anchors by 1/tau is cheaper than scaling the B x (K+1) scores.
-            logits_s = bank_scores(v_s / self.nce_t, self.memory.teacher_bank, contrast_idx, self.scoring, self._workspace)
-            logits_t = bank_scores(v_t / self.nce_t, self.memory.student_bank, contrast_idx, self.scoring, self._workspace)
+            logits_s, logits_t = self._scores(v_s / self.nce_t, v_t / self.nce_t, *keys, index, contrast_idx)
             loss = self._objective(logits_s, 0) + self._objective(logits_t, 1)
             self._watch(logits_s.detach(), logits_t.detach())
-        self.memory.queue_update(index, v_s.detach(), v_t.detach())
+        self.memory.queue_update(index, keys[0].detach(), keys[1].detach())
         return loss
+
+    @torch.no_grad()
+    def _keys(self, f_s: Tensor, f_t: Tensor) -> tuple[Tensor, Tensor]:
+        """The queue's keys of a batch: key heads moved towards the heads, then applied."""
+        for key, head in ((self.key_s, self.embed_s), (self.key_t, self.embed_t)):
+            for k, h in zip(key.parameters(), head.parameters()):
+                k.mul_(self.key_momentum).add_(h.detach(), alpha=1 - self.key_momentum)
+        dtype = self.key_s.linear.weight.dtype
+        return self.key_s(f_s.to(dtype)), self.key_t(f_t.to(dtype))
+
+    def _scores(self, a_s: Tensor, a_t: Tensor, k_s: Tensor, k_t: Tensor, index: Tensor, contrast_idx: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """``(B, K+1)`` scores of the student anchors ``a_s`` and the teacher anchors ``a_t``
+        (``k_s``, ``k_t``: the queue's keys of the batch)."""
+        memory = self.memory
+        if self.bank == "queue":
+            own = memory.own_entries(index)
+            return (dense_scores(a_s, k_t, memory.teacher_bank, own), dense_scores(a_t, k_s, memory.student_bank, own))
+        if self.shared_negatives:
+            rows = self._shared_rows(index) if contrast_idx is None else _shared_columns(contrast_idx.to(index.device))
+            return (dense_scores(a_s, memory.teacher_bank[index], memory.teacher_bank[rows]),
+                    dense_scores(a_t, memory.student_bank[index], memory.student_bank[rows]))
+        contrast_idx = self.sample_contrast(index) if contrast_idx is None else contrast_idx.to(index.device)
+        return (bank_scores(a_s, memory.teacher_bank, contrast_idx, self.scoring, self._workspace),
+                bank_scores(a_t, memory.student_bank, contrast_idx, self.scoring, self._workspace))
 
     def diagnostics(self) -> dict[str, Tensor]:
         """Mean cosine of each anchor with its positive bank row and with its negatives.
@@ -207,15 +271,21 @@ class CRDLoss(DistillLoss):
         """
         self._check_inputs(f_s, f_t, index, None, None)
         with torch.autocast(device_type=f_s.device.type, enabled=False):
-            self.memory.write(index.to(self.memory.student_bank.device), *self._embed(f_s, f_t))
+            views = self._keys(f_s, f_t) if self.bank == "queue" else self._embed(f_s, f_t)
+            self.memory.write(index.to(self.memory.student_bank.device), *views)
 
     # ------------------------------------------------------------- internals
     def _watch(self, logits_s: Tensor, logits_t: Tensor) -> None:
-        # Two sums over the contiguous score matrices: negligible next to the scoring itself.
+        # Sums over the contiguous score matrices: negligible next to the scoring itself.
         k = logits_s.shape[1] - 1
         pos = (logits_s[:, 0].sum() + logits_t[:, 0].sum()) / (2 * logits_s.shape[0])
-        total = (logits_s.sum() + logits_t.sum()) / (2 * logits_s.shape[0])
-        self._watched = {"pos_cos": pos * self.nce_t, "neg_cos": (total - pos) / k * self.nce_t}
+        if self.bank == "queue":  # excluded entries are -inf: leave them out of the mean
+            negatives = torch.cat([logits_s[:, 1:], logits_t[:, 1:]])
+            kept = negatives.isfinite()
+            neg = negatives.where(kept, 0.0).sum() / kept.sum().clamp(min=1)
+        else:
+            neg = ((logits_s.sum() + logits_t.sum()) / (2 * logits_s.shape[0]) - pos) / k
+        self._watched = {"pos_cos": pos * self.nce_t, "neg_cos": neg * self.nce_t}
 
     def _embed(self, f_s: Tensor, f_t: Tensor) -> tuple[Tensor, Tensor]:
         # float32 under any autocast; float64 only when the heads were made double (gradcheck).
@@ -223,29 +293,43 @@ class CRDLoss(DistillLoss):
         return self.embed_s(f_s.to(dtype)), self.embed_t(f_t.to(dtype))
 
     def sample_contrast(self, index: Tensor) -> Tensor:
-        """``contrast_idx`` ``(B, K+1)`` for bank rows ``index`` ``(B,)``: the draw ``forward`` makes.
+        """``(B, K+1)`` for bank rows ``index`` ``(B,)``: the draw ``forward`` makes.
 
-        Public so that critics over the same rows (an ensemble's) can share one draw per step.
-        A collective under several processes: every rank must call it at the same step.
+        Public so that critics over the same rows (an ensemble's) can share one draw per step;
+        with ``shared_negatives`` every row holds the same K negatives. A collective under
+        several processes: every rank must call it at the same step.
         """
+        index = index.to(self.memory.student_bank.device)
+        if self.shared_negatives:
+            rows = self._shared_rows(index)
+            return torch.cat([index[:, None], rows[None, :].expand(index.shape[0], -1)], dim=1)
         # Draw for the global batch from a generator every rank holds in the same state, then
         # keep this rank's rows: the sample does not depend on how the batch is split.
-        index = index.to(self.memory.student_bank.device)
         global_index, offset = all_gather_rows(index)
-        generator = torch.Generator(device=index.device)
+        sample = self.sampler.sample(global_index, self._step_generator(index.device))
+        return sample[offset : offset + index.shape[0]]
+
+    def _shared_rows(self, index: Tensor) -> Tensor:
+        """``(K,)`` negatives of the whole global batch, none of them a row of the batch."""
+        global_index, _ = all_gather_rows(index)
+        return self.sampler.sample_shared(global_index, self._step_generator(index.device))
+
+    def _step_generator(self, device: torch.device) -> torch.Generator:
+        if self.sampler is None:
+            raise ValueError("bank='queue' scores every queue entry: it draws no contrast_idx")
+        generator = torch.Generator(device=device)
         generator.manual_seed((self._seed * 1_000_003 + self._sample_step) % (2**63))
         self._sample_step += 1
-        sample = self.sampler.sample(global_index, generator)
-        return sample[offset : offset + index.shape[0]]
+        return generator
 
     def _objective(self, logits: Tensor, side: int) -> Tensor:
         if self.objective == "infonce":
             return infonce_loss(logits)
         log_z = self.memory.log_z[side]
         if self.normaliser == "ema" or bool(torch.isnan(log_z)):
-            log_z = update_log_z(log_z, batch_log_z(logits, self.n_data), self.normaliser, self.z_momentum)
+            log_z = update_log_z(log_z, batch_log_z(logits, self._noise_rows), self.normaliser, self.z_momentum)
             self.memory.log_z[side] = log_z
-        return nce_loss(logits, float(log_z), self.n_data)
+        return nce_loss(logits, float(log_z), self._noise_rows)
 
     def _check_inputs(self, f_s, f_t, index, contrast_idx, labels) -> None:
         _check_features("f_s", f_s, self.student_dim, None)
@@ -253,12 +337,14 @@ class CRDLoss(DistillLoss):
         if index.shape != (f_s.shape[0],) or index.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"index has shape {tuple(index.shape)} and dtype {index.dtype}: expected ({f_s.shape[0]},) integers")
         _check_rows("index", index, self.n_data)
+        if contrast_idx is not None and self.bank == "queue":
+            raise ValueError("bank='queue' scores every queue entry: contrast_idx does not apply")
         if contrast_idx is not None:
             expected = (f_s.shape[0], self.nce_k + 1)
             if tuple(contrast_idx.shape) != expected:
                 raise ValueError(f"contrast_idx has shape {tuple(contrast_idx.shape)}: expected {expected} (B, nce_k + 1)")
             _check_rows("contrast_idx", contrast_idx, self.n_data)
-        if labels is not None and self.sampler.labels is not None:
+        if labels is not None and self.sampler is not None and self.sampler.labels is not None:
             known = self.sampler.labels.to(index.device)[index]
             if not torch.equal(known, labels.to(known)):
                 raise ValueError("labels disagree with the dataset labels the critic was built with at these index rows")
@@ -269,13 +355,15 @@ class CRDLoss(DistillLoss):
         # Follow the heads' device; keep the banks' own storage dtype (fn may cast to half).
         device = self.embed_s.linear.weight.device
         self.memory.to(device)
-        self.sampler.to(device)
+        if self.sampler is not None:
+            self.sampler.to(device)
         return self
 
     def _memory_keys(self) -> tuple[str, ...]:
         # InfoNCE has no normaliser: its log Z would stay NaN ("unset") forever, and a
         # checkpoint must hold only finite numbers (the engine refuses to write one that does not).
-        return tuple(k for k in STATE_KEYS if k != "log_z") if self.objective == "infonce" else STATE_KEYS
+        keys = QUEUE_STATE_KEYS if self.bank == "queue" else STATE_KEYS
+        return tuple(k for k in keys if k != "log_z") if self.objective == "infonce" else keys
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -303,6 +391,14 @@ class CRDLoss(DistillLoss):
         elif strict:
             missing_keys.append(sampler_key)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+def _shared_columns(contrast_idx: Tensor) -> Tensor:
+    """The K negatives of a ``contrast_idx`` whose rows all hold the same ones (a shared draw)."""
+    rows = contrast_idx[0, 1:]
+    if not torch.equal(contrast_idx[:, 1:], rows[None, :].expand_as(contrast_idx[:, 1:])):
+        raise ValueError("shared_negatives: every row of contrast_idx must hold the same negatives (columns 1..K)")
+    return rows
 
 
 def _check_rows(name: str, rows: Tensor, n_data: int) -> None:

@@ -78,6 +78,9 @@ def infonce_loss(logits: Tensor) -> Tensor:
 def batch_log_z(logits: Tensor, n_data: int) -> Tensor:
     """``log Z`` of one batch, ``Z = mean(exp(logits)) * N``, agreed across processes.
 
+    The mean is over the finite scores: a negative excluded from an anchor (scored -inf) is no
+    entry.
+
     Every rank contributes its ``log sum exp`` and its entry count, so ranks holding different
     numbers of anchors still agree on the mean over all of them. Computed in float64.
 
@@ -90,7 +93,7 @@ def batch_log_z(logits: Tensor, n_data: int) -> Tensor:
     """
     local = torch.stack([
         torch.logsumexp(logits.detach().double().flatten(), dim=0),
-        torch.tensor(float(logits.numel()), dtype=torch.float64, device=logits.device).log(),
+        logits.isfinite().sum().double().log(),  # entries scored -inf (excluded) do not count
     ])
     parts, _ = all_gather_rows(local[None])
     return torch.logsumexp(parts[:, 0], 0) - torch.logsumexp(parts[:, 1], 0) + math.log(n_data)

@@ -202,3 +202,27 @@ class NegativeSampler:
             offset = _uniform_below(length, generator)
             positive = order[start + offset]
         return torch.cat([positive[:, None], negatives], dim=1)
+
+    def sample_shared(self, index: Tensor, generator: torch.Generator) -> Tensor:
+        """``(K,)`` bank rows, one draw for the whole batch: negatives of every anchor in ``index``.
+
+        Uniform over the rows that are no anchor of the batch (so no anchor meets its own row),
+        without replacement unless the sampler draws with replacement. A draw ``r`` in
+        ``[0, N - u)`` maps to the ``r``-th row outside the ``u`` batch rows:
+        ``r + #{i : s_i - i <= r}`` over the sorted batch rows ``s_i``.
+        """
+        if self.negatives != "uniform" or self.positive != "exact":
+            raise ValueError("shared_negatives draws uniform negatives for exact positives: "
+                             "it does not combine with negatives='class' or positive='relax'")
+        batch = torch.unique(index)  # sorted
+        pool = self.n_data - batch.numel()
+        if pool < (1 if self.replacement else self.k):
+            raise ValueError(f"nce_k={self.k} shared negatives requested but only {pool} rows lie outside "
+                             f"the batch (n_data={self.n_data}); expected nce_k <= {pool}")
+        bound = torch.tensor([pool], device=index.device)
+        if self.replacement:
+            draws = _uniform_below(bound.expand(self.k), generator)
+        else:
+            draws = sample_without_replacement(bound, self.k, generator)[0]
+        skips = batch - torch.arange(batch.numel(), device=index.device)
+        return draws + torch.searchsorted(skips, draws, right=True)

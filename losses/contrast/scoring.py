@@ -127,6 +127,30 @@ def _gathered_chunks(bank: Tensor, idx: Tensor, dtype: torch.dtype):
         yield rows, picked.view(-1, idx.shape[1], bank.shape[1]).to(dtype)
 
 
+def dense_scores(anchors: Tensor, positives: Tensor, negatives: Tensor, exclude: Tensor | None = None) -> Tensor:
+    """Scores of each anchor against its own positive and against one set of negatives shared by all.
+
+    The routes of a shared negative set (a queue, or one draw of bank rows per batch): one
+    ``(B, d) @ (d, K)`` product and no per-anchor gather. ``positives`` and ``negatives`` are
+    constants (as bank rows are); gradients flow to ``anchors`` only.
+
+    Args:
+        anchors: ``(B, d)``.
+        positives: ``(B, d)``, anchor ``b``'s positive in row ``b``.
+        negatives: ``(K, d)`` in any float dtype (a low-precision bank is upcast).
+        exclude: ``(B, K)`` bool, negatives that must not count for that anchor (scored -inf:
+            they add nothing to either objective or to its gradient).
+
+    Returns:
+        ``(B, K+1)`` in ``anchors``' dtype, column 0 the positive.
+    """
+    positives, negatives = positives.detach().to(anchors.dtype), negatives.detach().to(anchors.dtype)
+    scores = anchors @ negatives.T
+    if exclude is not None:
+        scores = scores.masked_fill(exclude, float("-inf"))
+    return torch.cat([(anchors * positives).sum(1, keepdim=True), scores], dim=1)
+
+
 def bank_scores(anchors: Tensor, bank: Tensor, idx: Tensor, route: str, workspace: ScoreWorkspace | None = None) -> Tensor:
     """Inner products of each anchor with its selected bank rows.
 

@@ -110,6 +110,22 @@ def test_infonce_method_trains_and_checkpoints(tmp_path):
     assert [(r["method"], r["protocol"]) for r in rows] == [("infonce", "linear_probe")]
 
 
+@pytest.mark.parametrize("bank", ["bank=queue", "shared_negatives=true"])
+def test_large_n_bank_options_train_through_the_recipe_and_resume(tmp_path, bank):
+    out = tmp_path / "run"
+    args = [*TINY, "distill.methods=[crd]", f"distill.loss_options.crd.{bank}", "protocols=[linear_probe]"]
+    assert main(["run", "lab-color-transfer", f"output_dir={out}", *args]) == 0
+    state = torch.load(out / "stages" / "distill-crd" / "final.pt", weights_only=True)
+    queue = bank == "bank=queue"
+    assert ("criteria.crd.memory.rows" in state) == queue  # the ring's samples: a queue's state
+    assert state["criteria.crd.memory.student_bank"].shape[0] == (32 if queue else 96)
+    final = (out / "stages" / "distill-crd" / "final.pt").read_bytes()
+    rows = json.loads((out / "report.json").read_text())["results"]
+    assert main(["run", "lab-color-transfer", f"output_dir={out}", *args]) == 0  # finished: nothing retrains
+    assert json.loads((out / "report.json").read_text())["results"] == rows
+    assert (out / "stages" / "distill-crd" / "final.pt").read_bytes() == final
+
+
 def test_crd_fixes_a_per_batch_normaliser_and_keeps_the_recipes_other_options(tmp_path):
     from xmodal.tasks.distill import method_loss_options, resolve_method
 
