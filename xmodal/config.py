@@ -317,6 +317,9 @@ def resolve(recipe: str, overrides: list[str], schemas: dict[str, type]) -> Any:
     for key, value in parsed:
         set_dotted(data, key, value)
     task = data.get("task")
+    if task == "rgbd" and task not in schemas:  # RGB -> depth is a transfer judged by segmentation
+        raise ConfigError(f"recipe {recipe!r} has task 'rgbd', which is now task 'transfer' with "
+                          "protocols: [segmentation] and teacher.train.epochs: 0 (see recipes/nyu-rgb2depth.yaml)")
     if task not in schemas:
         raise ConfigError(f"recipe {recipe!r} has task {task!r}; expected one of {sorted(schemas)}")
     cfg = from_dict(schemas[task], data)

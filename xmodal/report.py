@@ -165,18 +165,19 @@ AXES = {"n_unlabeled": "unlabeled images distilled on", "n_teachers": "number of
 
 def plot_against(report: Mapping[str, Any], path: Path, key: str) -> None:
     """Each protocol's top-1 against ``key`` (one of :data:`AXES`), one line per method (a band of
-    ± one sd over seeds); rows without ``key`` (``random``, the teachers' own probes) as horizontal
-    lines. Against ``n_unlabeled`` this is the CRD paper's Figure 3, against ``n_teachers`` its Figure 4."""
+    ± one sd over seeds); rows without ``key`` or at 0 (``random``, a CE-only student, the teachers'
+    own probes) as horizontal lines, and the teachers' own averaged ensemble where the report has
+    it. Against ``n_unlabeled`` this is the CRD paper's Figure 3, against ``n_teachers`` its Figure 4."""
     rows = report["results"]
     protocols = list(dict.fromkeys(r["protocol"] for r in rows))
     fig, axes = plt.subplots(1, len(protocols), figsize=(5.2 * len(protocols), 4.2), squeeze=False)
-    sizes = sorted({r[key] for r in rows if key in r})
+    sizes = sorted({r[key] for r in rows if r.get(key)})
     for ax, protocol in zip(axes[0], protocols):
         mine = [r for r in rows if r["protocol"] == protocol]
         references = 0
         for method in dict.fromkeys(r["method"] for r in mine):
-            points = sorted((r[key], r["value"], r.get("sd") or 0.0) for r in mine if r["method"] == method and key in r)
-            flat = [r for r in mine if r["method"] == method and key not in r]
+            points = sorted((r[key], r["value"], r.get("sd") or 0.0) for r in mine if r["method"] == method and r.get(key))
+            flat = [r for r in mine if r["method"] == method and not r.get(key)]
             if points:
                 xs, ys, sds = zip(*points)
                 line, = ax.plot(xs, ys, "o-", label=method)
@@ -187,6 +188,10 @@ def plot_against(report: Mapping[str, Any], path: Path, key: str) -> None:
                 references += method != "random"
                 ax.axhline(row["value"], linestyle="--" if method == "random" else ":",
                            color="gray" if method == "random" else f"C{(10 - references) % 10}", label=method)
+        pool = report.get("teachers", {}).get("ensemble_top1", {}) if key == "n_teachers" and protocol == "test" else {}
+        if pool:  # the teachers' averaged softmax: what a student of M teachers could reach
+            ms = sorted(int(m) for m in pool)
+            ax.plot(ms, [pool[str(m)] for m in ms], "k:", marker=".", label="teacher ensemble")
         ax.set_xscale("log")
         ax.set_xticks(sizes, [str(n) for n in sizes])
         ax.minorticks_off()

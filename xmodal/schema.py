@@ -90,6 +90,9 @@ class DistillSection:
     n_teachers: Optional[list[int]] = None
     teacher_weights: Optional[list[float]] = None
     split_crd_weight: bool = False
+    # Memory-bank losses take K = min(K, N - 1) instead of refusing a K the set cannot supply
+    # (18 NYU frames cannot give the paper's 16384); the report gives the K in force.
+    cap_negatives: bool = False
 
     def __post_init__(self) -> None:
         for name, weight in self.weights.items():

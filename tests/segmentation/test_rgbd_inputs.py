@@ -1,5 +1,6 @@
-"""What the RGB-D pipeline adds on top of the loaders: the teacher's input normalisation, and
-one-line errors for recipes the data cannot serve, before anything is written."""
+"""What RGB -> depth adds on top of the loaders (a transfer judged by segmentation): the teacher's
+input normalisation, K capped to the frames, and one-line errors for recipes the data cannot
+serve, before anything is written."""
 from __future__ import annotations
 
 import shutil
@@ -12,7 +13,10 @@ from xmodal.cli import main
 from xmodal.config import resolve
 from xmodal.errors import ConfigError
 from xmodal.modalities import build_modality
-from xmodal.tasks.rgbd import RGBDConfig, bank_options, segmentation_data
+from xmodal.schema import DistillSection
+from xmodal.tasks.distill import recipe_loss_options
+from xmodal.tasks.segmentation import segmentation_data
+from xmodal.tasks.transfer import TransferConfig
 
 TEST_FRAMES = [1, 2, 9, 14, 15, 16, 17, 18]
 
@@ -32,9 +36,12 @@ def test_rgb_view_is_normalised_as_the_lite0_weights_expect():
 
 
 def test_memory_bank_negatives_fit_the_data():
-    options = bank_options({"crd": {"nce_k": 16384, "nce_t": 0.1}}, n_data=18)
+    capped = DistillSection(loss_options={"crd": {"nce_k": 16384, "nce_t": 0.1}}, cap_negatives=True)
+    options = recipe_loss_options(capped, n_data=18)
     assert options["crd"] == {"nce_k": 17, "nce_t": 0.1} and options["infonce"] == {"nce_k": 17}
-    assert bank_options({"crd": {"nce_k": 5}}, n_data=18)["crd"]["nce_k"] == 5
+    assert recipe_loss_options(DistillSection(loss_options={"crd": {"nce_k": 5}}, cap_negatives=True), 18)["crd"]["nce_k"] == 5
+    # without cap_negatives the recipe's K stands (and a K the data cannot supply is refused)
+    assert recipe_loss_options(DistillSection(loss_options={"crd": {"nce_k": 16384}}), 18) == {"crd": {"nce_k": 16384}}
 
 
 def _run_error(capsys, out: Path, *overrides: str) -> str:
@@ -45,10 +52,10 @@ def _run_error(capsys, out: Path, *overrides: str) -> str:
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ((), "data.root: give nyu_depth_v2_labeled.mat or a frame folder"),
+    ((), "dataset 'nyu' needs a data root"),
     (("data.root=x", "modality.options.rgb_norm=imagenet"),
      "rgb_norm='imagenet', but the pretrained weights of teacher 'efficientnet_lite0' expect 'lite0'"),
-    (("data.root=x", "teacher.model.options={}"), "teacher 'efficientnet_lite0' has no weights"),
+    (("data.root=x", "teacher.model.options={}"), "teacher.train.epochs=0 with no teacher.checkpoint leaves the teacher untrained"),
     (("data.root=x", "distill.methods=[crd,kdd]"), "unknown distillation method 'kdd'"),
     (("data.root=x", "segmentation.encoder_modes=[frozen,tuned]"), "segmentation.encoder_modes"),
 ])
@@ -76,14 +83,32 @@ def test_auto_split_is_the_official_one_when_train_frames_carry_labels(tmp_path,
     shutil.copytree(nyuv2_mini, root)
     for frame in (3, 4):  # official train frames, given labels (those of frame 1: only the split matters)
         shutil.copy(root / "label13" / "0001.png", root / "label13" / f"{frame:04d}.png")
-    cfg = resolve("nyu-rgb2depth", [f"data.root={root}"], {"rgbd": RGBDConfig})
-    train, test, info = segmentation_data(cfg)
+    cfg = resolve("nyu-rgb2depth", [f"data.root={root}"], {"transfer": TransferConfig})
+    train, test, info = segmentation_data(cfg.data, cfg.segmentation, cfg.seed)
     assert info == {"split": "official", "train_frames": [3, 4], "test_frames": TEST_FRAMES}
     assert len(train) == 2 and len(test) == 8
 
 
 def test_auto_split_holds_out_labeled_test_frames_on_the_mini_set(nyuv2_mini):
-    cfg = resolve("nyu-rgb2depth", [f"data.root={nyuv2_mini}"], {"rgbd": RGBDConfig})
-    _, _, info = segmentation_data(cfg)
+    cfg = resolve("nyu-rgb2depth", [f"data.root={nyuv2_mini}"], {"transfer": TransferConfig})
+    _, _, info = segmentation_data(cfg.data, cfg.segmentation, cfg.seed)
     assert info["split"] == "holdout" and "no labeled train frames" in info["why"]
     assert len(info["train_frames"]) == 5 and sorted(info["train_frames"] + info["test_frames"]) == TEST_FRAMES
+
+
+def test_a_recipe_of_the_former_rgbd_task_is_told_what_it_now_is(tmp_path, capsys):
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("task: rgbd\ndata: {name: nyu}\n")
+    assert main(["run", str(recipe), f"output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "now task 'transfer' with protocols: [segmentation]" in err
+
+
+def test_a_checkpoint_teacher_of_another_class_count_is_one_line(tmp_path, capsys):
+    from xmodal.models import build_model, save_backbone
+
+    teacher = tmp_path / "rgb.safetensors"
+    save_backbone(teacher, build_model("resnet8", 3, 10, width=4))
+    err = _run_error(capsys, tmp_path / "run", "data.root=x", f"teacher.checkpoint={teacher}",
+                     "teacher.model={arch: resnet8, options: {width: 4}}")  # the recipe's num_classes: 1000
+    assert "teacher.num_classes=1000, but teacher.checkpoint classifies 10 classes; remove teacher.num_classes" in err

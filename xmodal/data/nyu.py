@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import h5py
 import numpy as np
@@ -312,8 +312,15 @@ class NYUDepthV2Folder(NYUDepthV2Base):
             )
 
 
-def nyu_dataset(root: PathLike, split: str = "all", **options) -> NYUDepthV2Base:
-    """:class:`NYUDepthV2Mat` when ``root`` is a file, :class:`NYUDepthV2Folder` when a folder."""
+def nyu_dataset(root: PathLike, split: str = "all", labeled: bool = False, augment: Any = False,
+                **options) -> NYUDepthV2Base:
+    """:class:`NYUDepthV2Mat` when ``root`` is a file, :class:`NYUDepthV2Folder` when a folder.
+
+    ``labeled``: only frames with labels (``labeled_only``); ``augment``: any augmentation name
+    (or ``True``) turns on the joint zoom / crop / flip of RGB, depth and labels.
+    """
+    options["labeled_only"] = bool(options.get("labeled_only", False) or labeled)
+    options["augment"] = bool(augment)
     path = Path(root).expanduser()
     if path.is_file():
         return NYUDepthV2Mat(path, split, **options)

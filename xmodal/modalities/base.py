@@ -56,6 +56,10 @@ class Modality:
         """The requested views of ``batch``, each ``(B, C_view, H, W)`` float."""
         raise NotImplementedError
 
+    def check_pretrained(self, view: str, arch: str) -> None:
+        """ConfigError when ``view`` is not normalised as ``arch``'s packaged pretrained weights
+        expect; every view fits any weights unless a modality knows otherwise."""
+
     def views(self, batch: Mapping[str, Tensor], names: list[str]) -> dict[str, Tensor]:
         """Views by name, each computed once even when several consumers ask for it."""
         for name in names:

@@ -7,6 +7,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
+from xmodal.errors import ConfigError
 from xmodal.modalities.base import Modality, image_as_float, normalize_rgb, rgb_norm_stats
 
 ENCODINGS = ("log", "inverse", "linear")
@@ -39,6 +40,10 @@ def encode_depth(depth: Tensor, encoding: str = "log") -> Tensor:
     return torch.where(valid, x, torch.zeros_like(x))
 
 
+#: What each packaged pretrained network's weights expect as RGB input (``rgb_norm``); others: ImageNet's.
+TEACHER_RGB_NORM = {"efficientnet_lite0": "lite0"}
+
+
 class DepthModality(Modality):
     """Views ``rgb`` (3 channels, normalised as the teacher's weights expect: ``rgb_norm``) and
     ``depth`` (1 channel, encoded)."""
@@ -53,6 +58,12 @@ class DepthModality(Modality):
             raise ValueError(f"depth encoding {encoding!r}: expected one of {ENCODINGS}")
         rgb_norm_stats(rgb_norm)  # an unknown name fails here, not at the first batch
         self.encoding, self.rgb_norm = encoding, rgb_norm
+
+    def check_pretrained(self, view: str, arch: str) -> None:
+        expected = TEACHER_RGB_NORM.get(arch, "imagenet")
+        if view == "rgb" and self.rgb_norm != expected:
+            raise ConfigError(f"modality.options.rgb_norm={self.rgb_norm!r}, but the pretrained weights of teacher "
+                              f"{arch!r} expect {expected!r} input normalisation")
 
     def compute(self, batch: Mapping[str, Tensor], names: set[str]) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}

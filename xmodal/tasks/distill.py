@@ -96,6 +96,24 @@ def method_loss_options(spec: Method, loss_options: Mapping[str, Mapping[str, An
     return merged
 
 
+def recipe_loss_options(distill: DistillSection, n_data: int) -> dict[str, dict[str, Any]]:
+    """``distill.loss_options``, each memory-bank loss's ``nce_k`` capped at ``n_data - 1`` when
+    ``distill.cap_negatives`` (negatives are drawn without replacement among the other rows)."""
+    options = {name: dict(values) for name, values in distill.loss_options.items()}
+    if distill.cap_negatives:
+        for name in losses.available():
+            if losses.get(name).memory_bank:
+                options[name] = losses.get(name).capped_options(options.get(name, {}), n_data)
+    return options
+
+
+def bank_sizes(methods: Sequence[str], weights: Mapping[str, float], options: Mapping[str, Mapping[str, Any]]) -> str:
+    """``crd K = 17, ...``: the K in force of every memory-bank loss the methods use."""
+    terms = {t for m in methods if m != "random" for t in resolve_method(m, weights).terms}
+    return ", ".join(f"{name} K = {options[name]['nce_k']}" for name in sorted(terms)
+                     if losses.get(name).memory_bank and "nce_k" in options.get(name, {}))
+
+
 def needs_logits(method: str) -> bool:
     """Whether the student must carry a classifier for ``method`` (KD reads logits)."""
     named = {**{name: spec for name, (spec, _) in DEPRECATED.items()}, **PRESETS}

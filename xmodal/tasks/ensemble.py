@@ -31,7 +31,6 @@ from xmodal.schema import DistillSection, ImageDataConfig, ModalityConfig, Model
     check_same_classes
 from xmodal.tasks.ensemble_pool import Member, PoolSection, build_pool, check_checkpoints, data_order, ensemble_top1, \
     resolve_pool
-from xmodal.tasks.ensemble_report import plot_error_vs_teachers
 from xmodal.tasks.evaluation import classify_top1, top1
 from xmodal.data.subset import check_classifiable, open_split
 from xmodal.tasks import register_task
@@ -141,7 +140,7 @@ def student_stage(cfg: EnsembleConfig, engine: Engine, method: str, members: Seq
 
 
 # ------------------------------------------------------------------- runner
-@register_task("ensemble", EnsembleConfig, ("test",), plot=plot_error_vs_teachers)
+@register_task("ensemble", EnsembleConfig, ("test",))
 def run_ensemble(cfg: EnsembleConfig, engine: Engine) -> dict[str, Any]:
     """M teachers trained here on labels -> one student (CE, KD, one critic per teacher), test top-1 against M."""
     began = time.perf_counter()
@@ -205,8 +204,9 @@ def _mean_rows(per_seed: Sequence[dict[str, Any]], methods: Sequence[str]) -> li
     keys = list(dict.fromkeys((r["method"], r["n_teachers"]) for r in per_seed))
     for method, m in sorted(keys, key=lambda k: (methods.index(k[0]), k[1])):
         values = [r["top1"] for r in per_seed if (r["method"], r["n_teachers"]) == (method, m)]
+        spread = {"sd": statistics.stdev(values)} if len(values) > 1 else {}
         rows.append({"method": method, "protocol": "test", "metric": "top1", "value": statistics.fmean(values),
-                     "n_teachers": m})
+                     "n_teachers": m, **spread})
     return rows
 
 

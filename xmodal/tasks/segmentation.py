@@ -26,13 +26,15 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from xmodal.config import NOT_IDENTITY
+from xmodal.data import build_dataset
 from xmodal.data.base import IGNORE_INDEX
 from xmodal.engine import Engine, Stage
 from xmodal.errors import ConfigError, DataError
 from xmodal.models.base import Backbone
 from xmodal.models.segmentation import DECODERS, build_segmenter
-from xmodal.schema import OptimConfig, TrainConfig
+from xmodal.schema import DataConfig, OptimConfig, TrainConfig
 from xmodal.data.subset import SubsetDataset
+from xmodal.tasks.seg_pictures import save_pictures
 from xmodal.tasks.supervised import supervised_stage
 
 ENCODER_MODES = ("frozen", "finetune")
@@ -227,3 +229,66 @@ def frame_numbers(dataset: Dataset) -> list[int]:
 def picture_dir(output_dir: Path, method: str, mode: str) -> Path:
     """Where the test pictures of one (method, encoder mode) go."""
     return output_dir / "pictures" / f"{method}-{mode}"
+
+
+# ------------------------------------------------------------------ protocol
+def _frames(data: DataConfig, split: str, seed: int, augment: bool) -> Dataset:
+    return build_dataset(data.name, data.root, split, augment=augment, labeled=True, **{"seed": seed, **data.options})
+
+
+def segmentation_data(data: DataConfig, seg: SegmentationConfig, seed: int) -> tuple[Dataset, Dataset, dict[str, Any]]:
+    """(train frames, test frames, a description) of the labeled frames of ``data``."""
+    split, reason = seg.split, ""
+    if split in ("auto", "official"):
+        try:
+            train = _frames(data, "train", seed, augment=True)
+            split = "official"
+        except DataError as err:
+            if split == "official":
+                raise DataError(f"segmentation.split=official: {err}; data whose train frames carry no labels "
+                                "(e.g. the mini set) needs segmentation.split=holdout") from None
+            split, reason = "holdout", f"no labeled train frames ({err})"
+    if split == "official":
+        test = _frames(data, "test", seed, augment=False)
+    else:
+        train, test = holdout_split(*(_frames(data, "test", seed, augment=a) for a in (True, False)), seg.holdout_train, seed)
+    info = {"split": split, "train_frames": frame_numbers(train), "test_frames": frame_numbers(test)}
+    return train, test, {**info, **({"why": reason} if reason else {})}
+
+
+def check_batches(seg: SegmentationConfig, n_train: int, world: int) -> None:
+    """Batch sizes the labeled frames can fill and the processes can share, before anything trains."""
+    for key, batch, size in (("segmentation.train.batch_size", seg.train.batch_size, n_train),
+                             ("segmentation.eval_batch_size", seg.eval_batch_size, None)):
+        if size is not None and batch > size:
+            raise ConfigError(f"{key}={batch} exceeds the {size} frames it trains on; expected <= {size}")
+        if batch % world:
+            raise ConfigError(f"{key}={batch} must be divisible by the number of processes ({world})")
+
+
+def segment(engine: Engine, seg: SegmentationConfig, name: str, mode: str, student: Backbone, train: Dataset,
+            test: Dataset, view: ViewFn, num_classes: int, key: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Train and score one segmenter on ``student``'s encoder (stage ``segment-<name>-<mode>``);
+    pictures of the test frames."""
+    torch.manual_seed(seed + 2)  # every method's decoder starts from the same weights
+    segmenter = segmenter_for(student, seg.decoder, num_classes, mode)
+    frames, folder = frame_numbers(test), picture_dir(engine.output_dir, name, mode)
+
+    def draw(batch, prediction) -> None:
+        if seg.pictures:
+            save_pictures(folder, frames, batch, prediction)
+
+    stage = segmentation_stage(f"segment-{name}-{mode}", segmenter, train, view, seg.train, key)
+    return engine.run(stage, lambda: evaluate_segmentation(engine, segmenter, test, view, num_classes, seg.eval_batch_size,
+                                                           on_batch=draw, desc=f"segment-{name}-{mode} test"))
+
+
+def segmentation_extra(seg: SegmentationConfig, classes: Sequence[str], split: dict[str, Any],
+                       per_class: dict[str, dict[str, Optional[float]]]) -> dict[str, str]:
+    """The report's context lines: the protocol, its frames, and the per-class IoU of every row."""
+    extra = {"segmentation": f"{seg.decoder} decoder, {len(classes)} classes, split '{split['split']}': "
+                             f"trained on frames {split['train_frames']}, scored on frames {split['test_frames']}; "
+                             "void ignored; mIoU over classes present in ground truth or prediction"}
+    for row, ious in per_class.items():
+        extra[f"IoU {row}"] = ", ".join(f"{c} {'—' if v is None else f'{v:.1f}'}" for c, v in ious.items())
+    return extra

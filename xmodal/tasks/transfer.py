@@ -1,4 +1,5 @@
-"""Representation transfer judged by linear probe and finetune (the Lab colour recipe's task).
+"""Representation transfer: teachers on one view, a student on another, judged by the protocols
+a recipe lists (linear probe, finetune, segmentation).
 
 Stages, each resumable and skipped when an earlier run in the same ``output_dir`` finished it:
 
@@ -10,8 +11,9 @@ Stages, each resumable and skipped when an earlier run in the same ``output_dir`
    unless ``distill.ce_weight`` > 0; ``random`` trains nothing. With a ``teachers`` list,
    ``distill-<method>-m<M>`` for each M of ``distill.n_teachers`` learns from the first M
    (:class:`xmodal.distiller.Distiller`: one critic per teacher, KD from averaged soft labels);
-3. each student is judged on the student view (e.g. ab) by a linear probe on its frozen pooled
-   features and by finetuning the whole network with labels.
+3. each student is judged on the student view (e.g. ab, depth): a linear probe on its frozen
+   pooled features, finetuning the whole network with labels, and semantic segmentation under a
+   decoder (``segment-<method>-<mode>``, :mod:`xmodal.tasks.segmentation`).
 """
 from __future__ import annotations
 
@@ -31,13 +33,17 @@ from xmodal.models.checkpoint import CheckpointFile, load_weights_into, open_che
 from xmodal.schema import (DistillSection, ImageDataConfig, ModalityConfig, ModelConfig, OptimConfig, RunConfig, SplitConfig,
                            TrainConfig, check_same_classes)
 from xmodal.tasks import register_task
-from xmodal.tasks.distill import distill_stages, needs_logits, teacher_scales
+from xmodal.tasks.distill import (bank_sizes, distill_stages, needs_logits, recipe_loss_options, resolve_method,
+                                  teacher_scales)
 from xmodal.tasks.evaluation import classify_top1
 from xmodal.tasks.linear_probe import ProbeConfig, linear_probe
+from xmodal.tasks.seg_pictures import save_legend
+from xmodal.tasks.segmentation import SegmentationConfig, check_batches, segment, segmentation_data, segmentation_extra
 from xmodal.data.subset import check_classifiable, open_split
 from xmodal.tasks.supervised import build_backbone, export, supervised_stage
 
-PROTOCOLS = ("linear_probe", "finetune")
+PROTOCOLS = ("linear_probe", "finetune", "segmentation")
+CLASSIFY = {"linear_probe", "finetune"}  # the protocols that read data.probe_train / probe_test
 
 
 @dataclass
@@ -93,11 +99,14 @@ class TransferConfig(RunConfig):
     protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
     linear_probe: ProbeConfig = field(default_factory=ProbeConfig)
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, optim=OptimConfig(lr=0.01)))
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.protocols if p not in PROTOCOLS]
         if unknown:
             raise ConfigError(f"protocols: unknown {unknown}; expected a subset of {list(PROTOCOLS)}")
+        for method in self.distill.methods:
+            resolve_method(method, self.distill.weights)  # an unknown method fails before any data is read
         check_same_classes(self.data.probe_train, "data.probe_train", self.data.probe_test, "data.probe_test")
         counts = self.distill.n_teachers
         if self.teachers and self.teacher != TeacherSection():
@@ -179,29 +188,37 @@ def _resolve_teacher(cfg: TransferConfig, modality: Modality, section: TeacherSe
     if as_built and not section.model.options.get("pretrained"):
         raise ConfigError(f"{key}.train.epochs=0 with no {key}.checkpoint leaves the teacher untrained; "
                           f"set {key}.model.options.pretrained=true, give a {key}.checkpoint, or train it")
-    if section.num_classes is not None and not as_built:
+    if as_built:
+        modality.check_pretrained(view, section.model.arch)
+    if section.num_classes is not None and held is not None and section.num_classes != held.payload["num_classes"]:
+        raise ConfigError(f"{key}.num_classes={section.num_classes}, but {key}.checkpoint classifies "
+                          f"{held.payload['num_classes']} classes; remove {key}.num_classes (the checkpoint decides)")
+    if section.num_classes is not None and held is None and not as_built:
         raise ConfigError(f"{key}.num_classes is for a teacher used as built ({key}.train.epochs=0); a trained "
                           "teacher takes its split's classes, a checkpoint its own")
-    # A teacher used as built with its own classifier size reads no teacher split.
-    train_set = None if as_built and section.num_classes is not None else open_split(
+    # A teacher loaded, or used as built with its own classifier size, reads no teacher split.
+    train_set = None if held is not None or as_built and section.num_classes is not None else open_split(
         d, d.teacher, cfg.seed, augment=True, labeled=True, role="teacher")
     return _Teacher(section, position, view, held, as_built, train_set, taught_by(identity(section), held))
 
 
-def _score_on(cfg: TransferConfig, t: _Teacher, probe_test: Dataset) -> None:
-    """The classes ``t`` predicts and the test split it is scored on, when its classes are the data's."""
+def _score_on(cfg: TransferConfig, t: _Teacher, probe_test: Optional[Dataset]) -> None:
+    """The classes ``t`` predicts and the test split it is scored on, when its classes are the data's
+    (``probe_test`` ``None``: no classification protocol, nothing to score it on)."""
     d, section, key = cfg.data, t.section, t.key
-    # The teacher is scored on the probe's test split in its own label space: cut to
-    # data.teacher.classes (or whole), whatever classes the probe reads.
-    part = replace(d.probe_test, classes=d.teacher.classes)
-    t.test_set = probe_test if part == d.probe_test else open_split(d, part, cfg.seed, augment=False, labeled=True,
-                                                                    role="teacher")
     if t.held is not None:  # its classifier decides; load_weights_into checks the rest
         t.classes = int(t.held.payload["num_classes"])
     elif t.train_set is None:
         t.classes = section.num_classes
     else:
         t.classes = _num_classes(t.train_set, "teacher", d.teacher)
+    if probe_test is None:
+        return
+    # The teacher is scored on the probe's test split in its own label space: cut to
+    # data.teacher.classes (or whole), whatever classes the probe reads.
+    part = replace(d.probe_test, classes=d.teacher.classes)
+    t.test_set = probe_test if part == d.probe_test else open_split(d, part, cfg.seed, augment=False, labeled=True,
+                                                                    role="teacher")
     # A checkpoint of another dataset's label set (say 1,000 classes) still teaches, but its
     # top-1 here would compare its classes with ours: it is not scored. Classes named in
     # data.teacher.classes must be the ones it classifies.
@@ -259,11 +276,15 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     d = cfg.data
     pool = [_resolve_teacher(cfg, modality, section, i) for i, section in enumerate(cfg.teachers)] \
         if cfg.teachers else [_resolve_teacher(cfg, modality, cfg.teacher, None)]
-    probe_train = open_split(d, d.probe_train, cfg.seed, augment=False, labeled=True, role="probe_train")
-    finetune_train = open_split(d, d.probe_train, cfg.seed, augment=True, labeled=True, role="probe_train")
-    probe_test = open_split(d, d.probe_test, cfg.seed, augment=False, labeled=True, role="probe_test")
-    num_classes = _num_classes(probe_train, "probe_train", d.probe_train)
-    check_classifiable(probe_train, probe_test, "data.probe_train", "data.probe_test")
+    probe_train = finetune_train = probe_test = None
+    num_classes = 0
+    if CLASSIFY & set(cfg.protocols):
+        probe_train = open_split(d, d.probe_train, cfg.seed, augment=False, labeled=True, role="probe_train")
+        finetune_train = open_split(d, d.probe_train, cfg.seed, augment=True, labeled=True, role="probe_train")
+        probe_test = open_split(d, d.probe_test, cfg.seed, augment=False, labeled=True, role="probe_test")
+        num_classes = _num_classes(probe_train, "probe_train", d.probe_train)
+        check_classifiable(probe_train, probe_test, "data.probe_train", "data.probe_test")
+    seg = _SegmentationData.open(cfg, engine) if "segmentation" in cfg.protocols else None
     counts = _teacher_counts(cfg, len(pool))
     sizes = d.distill.subset if isinstance(d.distill.subset, list) else None
     unlabeled = [_unlabeled(cfg, part) for part in
@@ -282,7 +303,8 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
             {"teachers": [t.identity for t in pool[:len(teachers)]]}
         return distill_stages(engine, method, student, [(t, p.view) for t, p in zip(teachers, pool)], modality,
                               part.dataset, cfg.distill.train, weights=cfg.distill.weights,
-                              loss_options=cfg.distill.loss_options, ce_weight=cfg.distill.ce_weight,
+                              loss_options=recipe_loss_options(cfg.distill, len(part.dataset)),
+                              ce_weight=cfg.distill.ce_weight,
                               init_cfg=cfg.distill.init_train, warm_start=cfg.distill.warm_start, sample=part.sample,
                               tag=_tag(cfg, len(teachers)) + part.tag(sizes),
                               teacher_weights=teacher_scales(cfg.distill, len(pool), len(teachers)),
@@ -308,7 +330,7 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
 
     rows = []
     for t in pool[:counts[-1]]:
-        if t.section.probe:
+        if t.section.probe and probe_train is not None:
             t0 = time.perf_counter()
             result = linear_probe(engine, t.module, probe_train, probe_test, view_fn(modality, t.view), num_classes,
                                   cfg.linear_probe, seed=cfg.seed, name=f"probe-{t.name}")
@@ -333,7 +355,7 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
                 distilled = stages[-1].config if stages else None
                 data = part.data_record(record["data"], sizes)
                 judged = _judge(cfg, engine, method, student, probe_train, finetune_train, probe_test, student_view,
-                                num_classes, record, pool[0].identity, distilled, timings, tag, data)
+                                num_classes, record, pool[0].identity, distilled, timings, tag, data, seg)
                 extra = {}
                 if sizes is not None and method != "random":
                     extra["n_unlabeled"] = len(part.dataset)
@@ -341,6 +363,16 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
                     extra["n_teachers"] = m
                 rows.extend({**row, **extra} for row in judged)
     report = {"results": rows, "timings": {**timings, "total": time.perf_counter() - began}}
+    banks = bank_sizes(cfg.distill.methods, cfg.distill.weights, recipe_loss_options(cfg.distill, len(unlabeled[-1].dataset)))
+    if cfg.distill.cap_negatives and banks:
+        report["extra"] = {"distillation": f"{len(unlabeled[-1].dataset)} images of split '{d.distill.split}'; "
+                                           f"memory-bank negatives: {banks} (at most N - 1)"}
+    if seg is not None:
+        report.update(per_class_iou=seg.per_class, segmentation_split=seg.info)
+        report["extra"] = {**report.get("extra", {}), **segmentation_extra(cfg.segmentation, seg.classes, seg.info,
+                                                                            seg.per_class)}
+        if cfg.segmentation.pictures and engine.is_main:
+            save_legend(engine.output_dir / "pictures" / "legend.png", seg.classes)
     if cfg.teachers:
         report["teachers"] = {"members": reports}
     else:
@@ -394,10 +426,28 @@ def _unlabeled(cfg: TransferConfig, part: UnlabeledSplit) -> _Unlabeled:
     return _Unlabeled(part, dataset)
 
 
+@dataclass
+class _SegmentationData:
+    """The labeled frames of the segmentation protocol, and the per-class IoU of every row so far."""
+
+    train: Dataset
+    test: Dataset
+    info: dict[str, Any]
+    classes: list[str]
+    per_class: dict[str, dict[str, Optional[float]]] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, cfg: TransferConfig, engine: Engine) -> "_SegmentationData":
+        train, test, info = segmentation_data(cfg.data, cfg.segmentation, cfg.seed)
+        check_batches(cfg.segmentation, len(train), engine.world)
+        return cls(train, test, info, list(test.classes))
+
+
 def _judge(cfg, engine, method, student, probe_train, finetune_train, probe_test, view, num_classes, record,
-           teacher: dict, distilled, timings, tag: str, data: dict) -> list[dict[str, Any]]:
-    """The linear probe and finetune rows of one student; ``tag`` ends its stages' names and
-    ``data`` is the data record of its finetune stage."""
+           teacher: dict, distilled, timings, tag: str, data: dict,
+           seg: Optional[_SegmentationData]) -> list[dict[str, Any]]:
+    """The rows of one student under each protocol; ``tag`` ends its stages' names and ``data``
+    is the data record of its later stages. Finetuning, which changes the student, comes last."""
     rows = []
     if "linear_probe" in cfg.protocols:
         t0 = time.perf_counter()
@@ -405,6 +455,17 @@ def _judge(cfg, engine, method, student, probe_train, finetune_train, probe_test
                               cfg.linear_probe, seed=cfg.seed, name=f"probe-{method}{tag}")
         timings[f"probe-{method}{tag}"] = time.perf_counter() - t0
         rows.append({"method": method, "protocol": "linear_probe", "metric": "top1", "value": result["top1"]})
+    for mode in cfg.segmentation.encoder_modes if seg is not None else []:
+        t0 = time.perf_counter()
+        key = {"student": record["student"], "teacher": teacher, "data": data, "modality": record["modality"],
+               "seed": cfg.seed, "method": method, "distilled": distilled, "mode": mode,
+               "segmentation": record["segmentation"], "split": seg.info}
+        result = segment(engine, cfg.segmentation, f"{method}{tag}", mode, student, seg.train, seg.test, view,
+                         len(seg.classes), key, cfg.seed)
+        timings[f"segment-{method}{tag}-{mode}"] = time.perf_counter() - t0
+        rows += [{"method": method, "protocol": "segmentation", "metric": metric, "value": result[metric],
+                  "encoder": mode} for metric in ("pixel_acc", "miou")]
+        seg.per_class[f"{method}{tag} ({mode})"] = {c: (None if v != v else v) for c, v in zip(seg.classes, result["iou"])}
     if "finetune" in cfg.protocols:
         student.reset_classifier(num_classes)
         stage = supervised_stage(f"finetune-{method}{tag}", student, finetune_train, view, cfg.finetune,
