@@ -208,7 +208,7 @@ def _run_and_report(cfg: Any, engine: Any, command: str, tasks: dict,
     if engine.is_main:
         from xmodal.report import markdown
 
-        # A task may draw its own figure (the ensemble task: error against the number of teachers).
+        # A task may draw its own figure (register_task(..., plot=...)); report.plot serves the built-in ones.
         paths = write_report(report, output_dir, plotter=tasks[cfg.task].plot or plot)
         if show:
             print(markdown(report))
