@@ -153,6 +153,8 @@ class CRDLoss(DistillLoss):
             raise ValueError(f"bank_dtype={bank_dtype!r}: expected one of {tuple(_BANK_DTYPES)}")
         if bank not in BANKS:
             raise ValueError(f"bank={bank!r}: expected one of {BANKS}")
+        if not isinstance(shared_negatives, bool):
+            raise ValueError(f"shared_negatives={shared_negatives!r}: expected true or false")
         if bank == "queue" and (negatives, positive, bool(shared_negatives)) != ("uniform", "exact", False):
             raise ValueError("bank='queue' scores every queue entry of other samples: it does not combine "
                              "with negatives='class', positive='relax' or shared_negatives")

@@ -39,12 +39,14 @@ KEYS = [
     "data", "data.distill.subset", "data.probe_train.subset", "data.probe_train.classes", "data.options",
     "linear_probe.lr", "linear_probe.epochs", "modality.teacher_view", "modality.student_view", "student.arch",
     "teacher.num_classes", "teacher.probe", "teacher.train.epochs", "unknown.key", "distill",
+    "distill.loss_options.crd.bank", "distill.loss_options.crd.shared_negatives", "distill.loss_options.crd.key_momentum",
+    "distill.cap_negatives",
 ]
 VALUES = [
     "0", "1", "2", "-1", "32", "1000000", "0.5", "-0.5", ".nan", ".inf", "-.inf", "true", "false", "null", "''",
     "abc", "[]", "[0,1]", "[1,1]", "[random,kd]", "[crd]", "[crd_paper,kd]", "[bogus]", "{}", "{nce_k: 8}",
     "{crd: 2.0}", "[disc,square]", "fp16", "bf16", "synthetic", "imagefolder", "ab", "L", "rgb", "resnet8",
-    "[linear_probe,finetune]", "1e400", "[[1]]", "{a: {b: c}}",
+    "[linear_probe,finetune]", "1e400", "[[1]]", "{a: {b: c}}", "queue", "full", "[segmentation]",
 ]
 # CI draws the same 150 cases every time (about 30 s); XMODAL_FUZZ_EXAMPLES=1000 explores new ones.
 EXPLORE = os.environ.get("XMODAL_FUZZ_EXAMPLES")

@@ -156,6 +156,8 @@ CASES = [
     Case("unknown distillation method", lambda d: ["distill.methods=[crd,kdd]"], "unknown distillation method 'kdd'"),
     Case("K larger than the negatives available", lambda d: ["distill.loss_options.crd.nce_k=5000"],
          "nce_k=5000 negatives requested but only 63 rows"),
+    Case("segmentation protocol on images without per-pixel labels", lambda d: ["protocols=[segmentation]"],
+         "segmentation scores per-pixel labels, and dataset 'synthetic' has none"),
     Case("a queue with class-aware negatives", lambda d: ["distill.loss_options.crd.bank=queue",
                                                           "distill.loss_options.crd.negatives=class"],
          "bank='queue' scores every queue entry of other samples"),

@@ -233,7 +233,12 @@ def picture_dir(output_dir: Path, method: str, mode: str) -> Path:
 
 # ------------------------------------------------------------------ protocol
 def _frames(data: DataConfig, split: str, seed: int, augment: bool) -> Dataset:
-    return build_dataset(data.name, data.root, split, augment=augment, labeled=True, **{"seed": seed, **data.options})
+    frames = build_dataset(data.name, data.root, split, augment=getattr(data, "augment", True) if augment else None,
+                           labeled=True, **{"seed": seed, **data.options})
+    if len(frames) and "mask" not in frames[0]:
+        raise ConfigError(f"protocols: segmentation scores per-pixel labels, and dataset {data.name!r} has none "
+                          "(nyu has); remove segmentation from protocols")
+    return frames
 
 
 def segmentation_data(data: DataConfig, seg: SegmentationConfig, seed: int) -> tuple[Dataset, Dataset, dict[str, Any]]:
