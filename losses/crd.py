@@ -263,6 +263,11 @@ class CRDLoss(DistillLoss):
         """
         return dict(self._watched)
 
+    @property
+    def warm_rows(self) -> int:
+        """Samples a warm start must see to fill the memory: every bank row, or the queue's K."""
+        return self.nce_k if self.bank == "queue" else self.n_data
+
     @torch.no_grad()
     def warm_start(self, f_s: Tensor, f_t: Tensor, index: Tensor) -> None:
         """Fill bank rows ``index`` with this batch's embeddings (no momentum).

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 import losses
 from ensemble.loss import averaged_soft_logits
 from losses import DistillLoss, Features
+from losses.contrast.distributed import world_size
 from xmodal.errors import ConfigError
 from xmodal.modalities import Modality
 
@@ -169,10 +170,13 @@ class Distiller(nn.Module):
     def warm_start(self, batches: Iterable[Mapping[str, Tensor]],
                    autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> None:
         """Fill every memory bank from one inference pass over ``batches`` (student in eval mode),
-        so the first epoch's positives are real embeddings rather than random rows."""
+        so the first epoch's positives are real embeddings rather than random rows. The pass stops
+        once every bank is full (a queue of K entries after K samples, of every process)."""
         banks = {name: c for name, c in self.criteria.items() if c.memory_bank}
         if not banks:
             return
+        needed = max(getattr(c, "warm_rows", float("inf")) for c in banks.values())
+        seen = 0
         was_training = self.student.training
         self.student.eval()
         for batch in batches:
@@ -181,6 +185,9 @@ class Distiller(nn.Module):
                 pooled = self.student(student_in).pooled
             for name, critic in banks.items():
                 critic.warm_start(pooled, self.teacher_of(name, taught).pooled, batch["index"])
+            seen += batch["index"].shape[0] * world_size()
+            if seen >= needed:
+                break
         self.student.train(was_training)
 
 

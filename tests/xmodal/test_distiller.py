@@ -108,6 +108,22 @@ def test_warm_start_fills_each_critic_from_its_own_teacher():
         assert torch.allclose(critic.memory.teacher_bank.float(), v_t, atol=1e-5)
 
 
+def test_warm_start_stops_once_every_bank_is_full():
+    # A queue of 16 is full after 16 samples; the full bank of another run needs all N = 40 rows.
+    for options, expected in (({"crd": {"nce_k": 16, "bank": "queue"}}, 2), ({"crd": {"nce_k": 16}}, 5)):
+        distiller = _distiller({"crd": 0.8}, classes=(10,), options=options)
+        read = []
+
+        def batches():
+            for i in range(5):  # 5 batches of 8 = N
+                read.append(i)
+                yield {"image": torch.rand(8, 3, 16, 16), "index": torch.arange(8 * i, 8 * i + 8)}
+
+        distiller.warm_start(batches())
+        assert len(read) == expected, options
+    assert sorted(distiller.criteria["crd"].memory.student_bank.norm(dim=1).round(decimals=4).tolist()) == [1.0] * N
+
+
 def test_kd_refuses_teachers_of_different_class_sets():
     with pytest.raises(ConfigError, match=r"classifiers have \[10, 7\] classes"):
         _distiller({"kd": 0.9}, classes=(10, 7))
