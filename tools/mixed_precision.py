@@ -377,7 +377,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0-9")
     parser.add_argument("--runs", type=Path, default=Path("runs"))
     parser.add_argument("--prefix", default="mpinfo", help="run folders are <runs>/<prefix>-<no|bf16|t1>-s<seed>")
-    parser.add_argument("--teacher", type=Path, default=Path("runs/lab-color-transfer/teacher.pt"),
+    parser.add_argument("--teacher", type=Path, default=Path("runs/lab-color-transfer/teacher.safetensors"),
                         help="the default run's exported teacher (xmodal run lab-color-transfer)")
     parser.add_argument("--method", default="infonce_warm")
     parser.add_argument("--epochs", type=int, default=3)
@@ -425,7 +425,7 @@ def main() -> None:
                          "fight for them (e.g. --threads 2 with cores / 2 jobs)")
     if not args.report_only and not args.teacher.is_file():
         raise SystemExit(f"--teacher {args.teacher}: no such file; run `xmodal run lab-color-transfer` first, "
-                         "or point --teacher at its runs/lab-color-transfer/teacher.pt")
+                         "or point --teacher at its runs/lab-color-transfer/teacher.safetensors")
 
     run = functools.partial(run_dir, args)
     if not args.report_only:

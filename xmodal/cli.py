@@ -65,7 +65,7 @@ def combine_runs(output: str, runs: list[str]) -> dict[str, Path]:
     example as separate jobs), into one report of every row's mean ± sd."""
     import json
 
-    from xmodal.report import combine_seeds, markdown, plot, write_report
+    from xmodal.report import combine_seeds, markdown, write_report
 
     reports = []
     for run in runs:
@@ -107,7 +107,7 @@ def combine_runs(output: str, runs: list[str]) -> dict[str, Path]:
     combined = combine_seeds(reports, seeds)
     combined["command"] = "xmodal combine " + " ".join(shlex.quote(a) for a in [output, *runs])
     combined["runs"] = [{"folder": run, "command": r.get("command")} for run, r in zip(runs, reports)]
-    paths = write_report(combined, Path(output), plotter=plot)
+    paths = write_report(combined, Path(output))
     print(markdown(combined))
     print(f"[xmodal] report: {paths['md']}  {paths['png']}  {paths['json']}")
     return paths
@@ -128,7 +128,7 @@ def run_recipe(recipe: str, overrides: list[str]) -> dict[str, Path]:
     ``<output_dir>/seed-<s>/`` with its own report, and ``<output_dir>/report.*`` gives the mean
     and standard deviation of every row over the seeds.
     """
-    from xmodal.report import combine_seeds, plot
+    from xmodal.report import combine_seeds
 
     tasks = _tasks()
     cfg = resolve(recipe, overrides, {name: task.schema for name, task in tasks.items()})
@@ -153,7 +153,7 @@ def run_recipe(recipe: str, overrides: list[str]) -> dict[str, Path]:
     if _is_main():
         from xmodal.report import markdown, write_report
 
-        paths = write_report(combined, output_dir, plotter=plot)
+        paths = write_report(combined, output_dir)
         print(markdown(combined))
         print(f"[xmodal] report: {paths['md']}  {paths['png']}  {paths['json']}")
     return paths
@@ -185,7 +185,7 @@ def _run_and_report(cfg: Any, engine: Any, command: str, tasks: dict,
                     show: bool) -> tuple[dict[str, Any], dict[str, Path]]:
     import torch
 
-    from xmodal.report import plot, write_report
+    from xmodal.report import write_report
 
     output_dir = engine.output_dir
     report = tasks[cfg.task].run(cfg, engine)
@@ -208,8 +208,7 @@ def _run_and_report(cfg: Any, engine: Any, command: str, tasks: dict,
     if engine.is_main:
         from xmodal.report import markdown
 
-        # A task may draw its own figure (register_task(..., plot=...)); report.plot serves the built-in ones.
-        paths = write_report(report, output_dir, plotter=tasks[cfg.task].plot or plot)
+        paths = write_report(report, output_dir)
         if show:
             print(markdown(report))
             print(f"[xmodal] report: {paths['md']}  {paths['png']}  {paths['json']}")

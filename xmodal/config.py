@@ -294,6 +294,11 @@ def identity(obj: Any) -> Any:
     return copy.deepcopy(obj)
 
 
+#: Tasks of earlier versions and what a recipe names instead.
+RETIRED_TASKS = {"rgbd": "task 'transfer' with protocols: [segmentation] and teacher.train.epochs: 0 "
+                         "(see recipes/nyu-rgb2depth.yaml)"}
+
+
 def resolve(recipe: str, overrides: list[str], schemas: dict[str, type]) -> Any:
     """Read ``recipe``, apply its quick block if ``quick=true``, then the overrides; type it.
 
@@ -317,11 +322,9 @@ def resolve(recipe: str, overrides: list[str], schemas: dict[str, type]) -> Any:
     for key, value in parsed:
         set_dotted(data, key, value)
     task = data.get("task")
-    if task == "rgbd" and task not in schemas:  # RGB -> depth is a transfer judged by segmentation
-        raise ConfigError(f"recipe {recipe!r} has task 'rgbd', which is now task 'transfer' with "
-                          "protocols: [segmentation] and teacher.train.epochs: 0 (see recipes/nyu-rgb2depth.yaml)")
     if task not in schemas:
-        raise ConfigError(f"recipe {recipe!r} has task {task!r}; expected one of {sorted(schemas)}")
+        now = f", which is now {RETIRED_TASKS[task]}" if task in RETIRED_TASKS else ""
+        raise ConfigError(f"recipe {recipe!r} has task {task!r}{now}; expected one of {sorted(schemas)}")
     cfg = from_dict(schemas[task], data)
     for seed in [cfg.seed, *(cfg.seeds or [])]:
         if not 0 <= seed < 2**32:  # what numpy's and Python's generators take

@@ -175,7 +175,8 @@ class Distiller(nn.Module):
         banks = {name: c for name, c in self.criteria.items() if c.memory_bank}
         if not banks:
             return
-        needed = max(getattr(c, "warm_rows", float("inf")) for c in banks.values())
+        rows = [c.warm_rows for c in banks.values()]
+        needed = float("inf") if None in rows else max(rows)
         seen = 0
         was_training = self.student.training
         self.student.eval()

@@ -9,7 +9,6 @@ when the stage's folder already holds one of the same identity, continues from i
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import sys
@@ -101,16 +100,16 @@ class Engine:
         if kernels is False and self.is_main:
             note = EMULATED_CPU_BF16 if self.cpu_bf16_convs == "emulated" else SLOW_CPU_BF16
             print(f"[xmodal] note: {note}", file=sys.stderr, flush=True)
-        #: fp16 on the CPU autocasts (see :meth:`autocast`) and scales the loss with this scaler,
-        #: as Accelerate's own scaler does on a GPU; its state travels with every checkpoint.
-        self._cpu_scaler = torch.amp.GradScaler("cpu") if mixed_precision == "fp16" and self.device.type == "cpu" \
-            else None
+        if mixed_precision == "fp16" and self.device.type == "cpu":
+            # Accelerate makes no scaler for fp16 on the CPU; given one, its backward and the
+            # optimizers it prepares scale the loss and skip overflowing steps as on a GPU.
+            self.accelerator.scaler = torch.amp.GradScaler("cpu")
         set_seed(seed)
 
     @property
     def scaler(self) -> Optional["torch.amp.GradScaler"]:
-        """The fp16 loss scaler of this run (Accelerate's on a GPU, the engine's on the CPU), or None."""
-        return self._cpu_scaler if self._cpu_scaler is not None else self.accelerator.scaler
+        """The fp16 loss scaler of this run (its state travels with every checkpoint), or None."""
+        return self.accelerator.scaler
 
     def start_outputs(self) -> None:
         """Create the output folder, write ``config.yaml`` and open TensorBoard, once.
@@ -177,8 +176,8 @@ class Engine:
         """The mixed-precision context of this run (a no-op for ``mixed_precision="no"``).
 
         Accelerate's own context ignores fp16 on the CPU; here fp16 on the CPU autocasts for
-        real (without loss scaling), so CPU runs exercise the same low-precision paths a GPU
-        run takes. bf16 on the CPU with emulated convolutions also enters :class:`EmulatedBf16`.
+        real (with the loss scaler of :attr:`scaler`), so CPU runs exercise the same low-precision
+        paths a GPU run takes. bf16 on the CPU with emulated convolutions also enters :class:`EmulatedBf16`.
         """
         if self._mixed_precision == "fp16" and self.device.type == "cpu":
             return torch.autocast("cpu", dtype=torch.float16)
@@ -273,13 +272,8 @@ class Engine:
                     terms = stage.step(wrapped, batch)
                 self._check_finite(terms, stage.name, epoch, step_in_epoch)
                 optimizer.zero_grad(set_to_none=True)
-                if self._cpu_scaler is None:  # Accelerate scales fp16 losses on a GPU itself
-                    self.accelerator.backward(terms["loss"])
-                    optimizer.step()
-                else:  # a step whose gradients overflow is skipped and the scale lowered
-                    self._cpu_scaler.scale(terms["loss"]).backward()
-                    self._cpu_scaler.step(optimizer)
-                    self._cpu_scaler.update()
+                self.accelerator.backward(terms["loss"])  # scaled under fp16; an overflowing step is skipped
+                optimizer.step()
                 for key, value in terms.items():
                     sums[key] = sums.get(key, 0.0) + float(value.detach())
                 count += 1
@@ -318,11 +312,12 @@ class Engine:
         if not self.is_main:
             self.barrier()
             return
+        identity = self.identity(stage)
         atomic_save(
             {
                 "stage": stage.name,
-                "config": fingerprint(self.identity(stage)),
-                "identity": as_json(self.identity(stage)),
+                "config": fingerprint(identity),
+                "identity": as_json(identity),
                 "epoch": epoch,
                 "module": state,
                 "optimizer": optimizer.state_dict(),
@@ -392,7 +387,8 @@ class Engine:
         began = time.perf_counter()
         history = self.fit(stage)
         result = dict(evaluate())
-        result.update(history=history, config=fingerprint(self.identity(stage)), identity=as_json(self.identity(stage)),
+        identity = self.identity(stage)
+        result.update(history=history, config=fingerprint(identity), identity=as_json(identity),
                       seconds=time.perf_counter() - began)
         if self.is_main:
             atomic_save(stage.module.state_dict(), folder / FINAL)
@@ -456,16 +452,19 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 #: Trackers Accelerate logs to, and the package each needs.
-TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim"}
+TRACKERS = ("tensorboard", "wandb", "mlflow", "aim")
 
 
 def check_trackers(names: Sequence[str]) -> list[str]:
-    """``names`` if each is a known tracker whose package is installed; else one ConfigError."""
+    """``names`` if each is a known tracker Accelerate finds installed; else one ConfigError."""
+    from accelerate.tracking import get_available_trackers
+
+    installed = {str(t) for t in get_available_trackers()}
     for name in names:
         if name not in TRACKERS:
             raise ConfigError(f"log_with: unknown tracker {name!r}; expected some of {list(TRACKERS)}")
-        if importlib.util.find_spec(TRACKERS[name]) is None:
-            raise ConfigError(f"log_with={name} needs its package: pip install {TRACKERS[name]}")
+        if name not in installed:
+            raise ConfigError(f"log_with={name} needs its package: pip install {name}")
     return list(names)
 
 

@@ -10,7 +10,8 @@ import torch
 from xmodal.safeload import load_tensors
 
 
-def _atomic_write(path: Path, mode: str, write: Callable[[Any], None]) -> None:
+def atomic_write(path: Path, mode: str, write: Callable[[Any], None]) -> None:
+    """``write(handle)`` into a temporary file beside ``path``, fsync, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -28,7 +29,7 @@ def atomic_save(obj: Any, path: Path) -> None:
 
     A process killed at any point leaves either the old file or the new one, never a torn one.
     """
-    _atomic_write(path, "wb", lambda handle: torch.save(obj, handle))
+    atomic_write(path, "wb", lambda handle: torch.save(obj, handle))
 
 
 def read_state_file(path: Path, remedy: str, map_location: Any = "cpu") -> Any:
@@ -38,4 +39,4 @@ def read_state_file(path: Path, remedy: str, map_location: Any = "cpu") -> Any:
 
 def atomic_write_text(text: str, path: Path) -> None:
     """Write ``text`` to ``path`` atomically (temporary file + rename)."""
-    _atomic_write(path, "w", lambda handle: handle.write(text))
+    atomic_write(path, "w", lambda handle: handle.write(text))

@@ -1,7 +1,7 @@
 """A MoCo-style queue of recent embeddings: the critic's negatives in memory flat in N.
 
 The full memory (:class:`losses.contrast.memory.ContrastMemory`) keeps one row per training
-sample, two ``N x d`` banks, which at N = 17M and d = 128 is 17 GiB in float32. The queue keeps
+sample, two ``N x d`` banks, which at N = 17M and d = 128 is 16.2 GiB in float32. The queue keeps
 only the last ``K`` embeddings of each view, in a ring. Every anchor is scored against all
 ``K`` entries of the other view's queue (one ``(B, d) @ (d, K)`` product, no sampling and no
 gather); its positive is the paired view's embedding of the same sample in the current batch.
@@ -15,50 +15,42 @@ the scores.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from losses.contrast.distributed import all_gather_rows
+from losses.contrast.memory import ContrastMemory
 
 QUEUE_STATE_KEYS = ("student_bank", "teacher_bank", "rows", "count", "log_z")
 
 
-class ContrastQueue:
+class ContrastQueue(ContrastMemory):
     """Two rings of ``size`` unit embeddings (student view, teacher view) and the sample of each.
+
+    The banks, their initial rows, the normalisers, the gathered and deferred update and the
+    device moves are :class:`ContrastMemory`'s; what differs is where an update lands (the next
+    ``size`` slots of the ring, no momentum) and that each slot remembers its sample.
 
     Args:
         size: entries per view, K (every anchor's negatives).
         dim: embedding width d.
         dtype: storage dtype of the rings.
-        generator: random source for the initial entries (the full bank's initial rows: uniform
-            in ``+-1/sqrt(d/3)``); they are replaced as real embeddings arrive, or at once by a
-            warm start.
+        generator: random source for the initial entries (the full bank's initial rows); they
+            are replaced as real embeddings arrive, or at once by a warm start.
     """
 
     def __init__(self, size: int, dim: int, dtype: torch.dtype = torch.float32, generator: Optional[torch.Generator] = None) -> None:
         if size < 1:
             raise ValueError(f"nce_k={size}: a queue needs at least one entry")
-        self.size, self.dim = size, dim
-        stdv = 1.0 / math.sqrt(dim / 3)
-        self.student_bank = torch.rand(size, dim, generator=generator).mul_(2 * stdv).sub_(stdv).to(dtype)
-        self.teacher_bank = torch.rand(size, dim, generator=generator).mul_(2 * stdv).sub_(stdv).to(dtype)
+        super().__init__(size, dim, 0.0, dtype, generator)
+        self.size = size
         # The training sample behind each entry (-1: an initial random entry, no sample).
         self.rows = torch.full((size,), -1, dtype=torch.long)
         # Embeddings enqueued so far; the next write starts at count % size.
         self.count = torch.zeros((), dtype=torch.long)
-        self.log_z = torch.full((2,), float("nan"), dtype=torch.float64)
-        self._pending: Optional[tuple[Tensor, Tensor, Tensor]] = None
 
-    def queue_update(self, index: Tensor, student: Tensor, teacher: Tensor) -> None:
-        """Enqueue one step's embeddings of every rank before the queue is next read."""
-        self.flush()
-        self._pending = tuple(all_gather_rows(t)[0] for t in (index, student, teacher))
-
-    # A warm start fills the queue the same way: the entries are the embeddings themselves.
     def write(self, index: Tensor, student: Tensor, teacher: Tensor) -> None:
         """Enqueue normalised embeddings now (warm start before training)."""
         self.queue_update(index, F.normalize(student.float(), dim=1), F.normalize(teacher.float(), dim=1))
@@ -68,35 +60,27 @@ class ContrastQueue:
         """Apply the deferred write, if any (idempotent). Older entries are overwritten first."""
         if self._pending is None:
             return
-        index, student, teacher = self._pending
+        index, student, teacher = (t[-self.size :] for t in self._pending)  # more than fit: the last survive
+        added = self._pending[0].shape[0]
         self._pending = None
-        n = index.shape[0]
-        if n > self.size:  # more new rows than the queue holds: only the last `size` survive
-            index, student, teacher, n = index[-self.size :], student[-self.size :], teacher[-self.size :], self.size
-        slots = (int(self.count) + torch.arange(n, device=index.device)) % self.size
+        slots = (int(self.count) + torch.arange(index.shape[0], device=index.device)) % self.size
         self.student_bank.index_copy_(0, slots, student.to(self.student_bank.dtype))
         self.teacher_bank.index_copy_(0, slots, teacher.to(self.teacher_bank.dtype))
         self.rows.index_copy_(0, slots, index.to(self.rows.device).long())
-        self.count += index.shape[0]
+        self.count += added
 
     def own_entries(self, index: Tensor) -> Tensor:
         """``(B, K)`` bool: entry ``j`` came from anchor ``b``'s own sample."""
         return self.rows[None, :] == index[:, None]
 
     def to(self, device: torch.device | str | None = None, dtype: Optional[torch.dtype] = None) -> "ContrastQueue":
-        """Move the rings (and any deferred write) to ``device``; ``dtype`` re-types the rings."""
-        self.student_bank = self.student_bank.to(device=device, dtype=dtype)
-        self.teacher_bank = self.teacher_bank.to(device=device, dtype=dtype)
-        self.rows, self.count, self.log_z = (t.to(device=device) for t in (self.rows, self.count, self.log_z))
-        if self._pending is not None:
-            self._pending = tuple(t.to(device) for t in self._pending)
+        super().to(device, dtype)
+        self.rows, self.count = self.rows.to(device=device), self.count.to(device=device)
         return self
 
     def state_dict(self) -> dict[str, Tensor]:
         """Rings, their samples, the write position and the normalisers, after the deferred write."""
-        self.flush()
-        return {"student_bank": self.student_bank, "teacher_bank": self.teacher_bank, "rows": self.rows,
-                "count": self.count, "log_z": self.log_z}
+        return {**super().state_dict(), "rows": self.rows, "count": self.count}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Restore a queue of the same length and width."""
@@ -104,11 +88,6 @@ class ContrastQueue:
             if tuple(state[key].shape) != (self.size, self.dim):
                 raise ValueError(f"{key} in the checkpoint is {tuple(state[key].shape)}, expected a queue of "
                                  f"(nce_k={self.size}, feat_dim={self.dim})")
-        self._pending = None
-        device = self.student_bank.device
-        self.student_bank = state["student_bank"].to(device=device, dtype=self.student_bank.dtype).clone()
-        self.teacher_bank = state["teacher_bank"].to(device=device, dtype=self.teacher_bank.dtype).clone()
-        self.rows = state["rows"].to(device=device, dtype=torch.long).clone()
-        self.count = state["count"].to(device=device, dtype=torch.long).clone()
-        if "log_z" in state:
-            self.log_z = state["log_z"].to(device=device, dtype=torch.float64).clone()
+        super().load_state_dict(state)
+        self.rows = state["rows"].to(device=self.rows.device, dtype=torch.long).clone()
+        self.count = state["count"].to(device=self.count.device, dtype=torch.long).clone()

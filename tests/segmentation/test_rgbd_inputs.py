@@ -112,3 +112,10 @@ def test_a_checkpoint_teacher_of_another_class_count_is_one_line(tmp_path, capsy
     err = _run_error(capsys, tmp_path / "run", "data.root=x", f"teacher.checkpoint={teacher}",
                      "teacher.model={arch: resnet8, options: {width: 4}}")  # the recipe's num_classes: 1000
     assert "teacher.num_classes=1000, but teacher.checkpoint classifies 10 classes; remove teacher.num_classes" in err
+
+
+@pytest.mark.parametrize("augment, on", [("crop", True), (True, True), ("none", False), (None, False), (False, False)])
+def test_the_recipe_s_augment_turns_the_joint_augmentation_on_or_off(nyuv2_mini, augment, on):
+    from xmodal.data import build_dataset
+
+    assert build_dataset("nyu", nyuv2_mini, "all", augment=augment, labeled=False).augment is on

@@ -112,6 +112,7 @@ def test_warm_start_stops_once_every_bank_is_full():
     # A queue of 16 is full after 16 samples; the full bank of another run needs all N = 40 rows.
     for options, expected in (({"crd": {"nce_k": 16, "bank": "queue"}}, 2), ({"crd": {"nce_k": 16}}, 5)):
         distiller = _distiller({"crd": 0.8}, classes=(10,), options=options)
+        initial = distiller.criteria["crd"].memory.student_bank.clone()
         read = []
 
         def batches():
@@ -121,7 +122,7 @@ def test_warm_start_stops_once_every_bank_is_full():
 
         distiller.warm_start(batches())
         assert len(read) == expected, options
-    assert sorted(distiller.criteria["crd"].memory.student_bank.norm(dim=1).round(decimals=4).tolist()) == [1.0] * N
+        assert (distiller.criteria["crd"].memory.student_bank != initial).any(dim=1).all()  # every row written
 
 
 def test_kd_refuses_teachers_of_different_class_sets():

@@ -316,11 +316,11 @@ def nyu_dataset(root: PathLike, split: str = "all", labeled: bool = False, augme
                 **options) -> NYUDepthV2Base:
     """:class:`NYUDepthV2Mat` when ``root`` is a file, :class:`NYUDepthV2Folder` when a folder.
 
-    ``labeled``: only frames with labels (``labeled_only``); ``augment``: any augmentation name
-    (or ``True``) turns on the joint zoom / crop / flip of RGB, depth and labels.
+    ``labeled``: only frames with labels (``labeled_only``); ``augment``: an augmentation name
+    other than ``"none"`` (or ``True``) turns on the joint zoom / crop / flip of RGB, depth and labels.
     """
     options["labeled_only"] = bool(options.get("labeled_only", False) or labeled)
-    options["augment"] = bool(augment)
+    options["augment"] = augment not in (None, False, "none")
     path = Path(root).expanduser()
     if path.is_file():
         return NYUDepthV2Mat(path, split, **options)

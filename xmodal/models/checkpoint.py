@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -30,6 +29,7 @@ from torch import Tensor
 
 from xmodal import __version__
 from xmodal.errors import CheckpointError
+from xmodal.files import atomic_write
 from xmodal.safeload import load_tensors
 from xmodal.models.base import Backbone
 from xmodal.models.registry import INIT_ONLY_KWARGS, build_model
@@ -45,7 +45,7 @@ def weights_sha256(state: dict[str, Tensor]) -> str:
     for key in sorted(state):
         tensor = state[key].detach().cpu().contiguous()
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, not a copy
     return digest.hexdigest()
 
 
@@ -53,7 +53,6 @@ def save_backbone(path: PathLike, model: Backbone) -> Path:
     """Write ``model`` (architecture + weights) to ``path`` atomically, as safetensors when the
     suffix is ``.safetensors``, else as a torch file; returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = {"arch": model.arch, "in_channels": model.in_channels, "num_classes": model.num_classes,
               "kwargs": dict(model.build_kwargs), "xmodal_version": __version__}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -63,16 +62,7 @@ def save_backbone(path: PathLike, model: Backbone) -> Path:
         write = lambda f: f.write(data)  # noqa: E731
     else:
         write = lambda f: torch.save({**header, "state_dict": state}, f)  # noqa: E731
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, "wb", write)
     return path
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 #: How a student is judged, by the ``protocol`` its report rows carry.
 PROTOCOLS = {
@@ -22,14 +22,13 @@ PROTOCOLS = {
 
 @dataclass(frozen=True)
 class Task:
-    """A registered task: its schema, runner, the protocols its rows report and, where it draws
-    its own figure, the plotter of ``report.png``."""
+    """A registered task: its schema, runner and the protocols its rows report (``report.png`` is
+    :func:`xmodal.report.plot` for every task)."""
 
     name: str
     schema: type
     run: Callable[..., dict[str, Any]]
     protocols: tuple[str, ...]
-    plot: Optional[Callable[..., None]] = None
 
     @property
     def summary(self) -> str:
@@ -39,8 +38,7 @@ class Task:
 _REGISTRY: dict[str, Task] = {}
 
 
-def register_task(name: str, schema: type, protocols: tuple[str, ...],
-                  plot: Optional[Callable[..., None]] = None) -> Callable:
+def register_task(name: str, schema: type, protocols: tuple[str, ...]) -> Callable:
     """Decorator on a task's runner: ``@register_task("transfer", TransferConfig, ("linear_probe", ...))``."""
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown:
@@ -49,7 +47,7 @@ def register_task(name: str, schema: type, protocols: tuple[str, ...],
     def wrap(run: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
         if name in _REGISTRY and _REGISTRY[name].run is not run:
             raise ValueError(f"task {name!r} is already registered by {_REGISTRY[name].run.__module__}")
-        _REGISTRY[name] = Task(name, schema, run, tuple(protocols), plot)
+        _REGISTRY[name] = Task(name, schema, run, tuple(protocols))
         return run
 
     return wrap

@@ -22,7 +22,8 @@ import losses
 from losses import DistillLoss, Features
 from xmodal.distiller import Distiller
 from xmodal.config import to_dict
-from xmodal.engine import Engine, Stage
+from xmodal.engine import Engine
+from xmodal.stage import Stage
 from xmodal.errors import ConfigError
 from xmodal.modalities import Modality
 from xmodal.schema import DistillSection, TrainConfig

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from xmodal.config import NOT_IDENTITY, identity, to_dict
-from xmodal.engine import Engine, Stage
+from xmodal.engine import Engine
+from xmodal.stage import Stage
 from xmodal.errors import ConfigError
 from xmodal.modalities import Modality, modality_from_config, view_fn
 from xmodal.schema import DistillSection, ImageDataConfig, ModalityConfig, ModelConfig, RunConfig, SplitConfig, \

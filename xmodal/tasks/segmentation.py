@@ -28,11 +28,12 @@ from torch.utils.data import Dataset
 from xmodal.config import NOT_IDENTITY
 from xmodal.data import build_dataset
 from xmodal.data.base import IGNORE_INDEX
-from xmodal.engine import Engine, Stage
+from xmodal.engine import Engine
+from xmodal.stage import Stage
 from xmodal.errors import ConfigError, DataError
 from xmodal.models.base import Backbone
 from xmodal.models.segmentation import DECODERS, build_segmenter
-from xmodal.schema import DataConfig, OptimConfig, TrainConfig
+from xmodal.schema import ImageDataConfig, OptimConfig, TrainConfig
 from xmodal.data.subset import SubsetDataset
 from xmodal.tasks.seg_pictures import save_pictures
 from xmodal.tasks.supervised import supervised_stage
@@ -232,16 +233,12 @@ def picture_dir(output_dir: Path, method: str, mode: str) -> Path:
 
 
 # ------------------------------------------------------------------ protocol
-def _frames(data: DataConfig, split: str, seed: int, augment: bool) -> Dataset:
-    frames = build_dataset(data.name, data.root, split, augment=getattr(data, "augment", True) if augment else None,
-                           labeled=True, **{"seed": seed, **data.options})
-    if len(frames) and "mask" not in frames[0]:
-        raise ConfigError(f"protocols: segmentation scores per-pixel labels, and dataset {data.name!r} has none "
-                          "(nyu has); remove segmentation from protocols")
-    return frames
+def _frames(data: ImageDataConfig, split: str, seed: int, augment: bool) -> Dataset:
+    return build_dataset(data.name, data.root, split, augment=data.augment if augment else None, labeled=True,
+                         **{"seed": seed, **data.options})
 
 
-def segmentation_data(data: DataConfig, seg: SegmentationConfig, seed: int) -> tuple[Dataset, Dataset, dict[str, Any]]:
+def segmentation_data(data: ImageDataConfig, seg: SegmentationConfig, seed: int) -> tuple[Dataset, Dataset, dict[str, Any]]:
     """(train frames, test frames, a description) of the labeled frames of ``data``."""
     split, reason = seg.split, ""
     if split in ("auto", "official"):
@@ -257,6 +254,9 @@ def segmentation_data(data: DataConfig, seg: SegmentationConfig, seed: int) -> t
         test = _frames(data, "test", seed, augment=False)
     else:
         train, test = holdout_split(*(_frames(data, "test", seed, augment=a) for a in (True, False)), seg.holdout_train, seed)
+    if len(test) and "mask" not in test[0]:
+        raise ConfigError(f"protocols: segmentation scores per-pixel labels, and dataset {data.name!r} has none "
+                          "(nyu has); remove segmentation from protocols")
     info = {"split": split, "train_frames": frame_numbers(train), "test_frames": frame_numbers(test)}
     return train, test, {**info, **({"why": reason} if reason else {})}
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from xmodal.engine import Engine, Stage
+from xmodal.engine import Engine
+from xmodal.stage import Stage
 from xmodal.models import build_model, save_backbone
 from xmodal.models.base import keep_stem_fp32
 from xmodal.schema import ModelConfig, TrainConfig

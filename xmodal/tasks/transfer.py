@@ -269,7 +269,7 @@ def build_student(cfg: TransferConfig, modality: Modality, method: str, teacher_
 
 @register_task("transfer", TransferConfig, PROTOCOLS)
 def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
-    """Teachers (one, or a list) -> a student on another view, judged by linear probe and finetune."""
+    """Teachers (one, or a list) -> a student on another view, judged by probe, finetune or segmentation."""
     began = time.perf_counter()
     modality = modality_from_config(cfg.modality)
     student_view = view_fn(modality, modality.student_view)
@@ -303,7 +303,7 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
             {"teachers": [t.identity for t in pool[:len(teachers)]]}
         return distill_stages(engine, method, student, [(t, p.view) for t, p in zip(teachers, pool)], modality,
                               part.dataset, cfg.distill.train, weights=cfg.distill.weights,
-                              loss_options=recipe_loss_options(cfg.distill, len(part.dataset)),
+                              loss_options=part.loss_options,
                               ce_weight=cfg.distill.ce_weight,
                               init_cfg=cfg.distill.init_train, warm_start=cfg.distill.warm_start, sample=part.sample,
                               tag=_tag(cfg, len(teachers)) + part.tag(sizes),
@@ -363,7 +363,7 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
                     extra["n_teachers"] = m
                 rows.extend({**row, **extra} for row in judged)
     report = {"results": rows, "timings": {**timings, "total": time.perf_counter() - began}}
-    banks = bank_sizes(cfg.distill.methods, cfg.distill.weights, recipe_loss_options(cfg.distill, len(unlabeled[-1].dataset)))
+    banks = bank_sizes(cfg.distill.methods, cfg.distill.weights, unlabeled[-1].loss_options)
     if cfg.distill.cap_negatives and banks:
         report["extra"] = {"distillation": f"{len(unlabeled[-1].dataset)} images of split '{d.distill.split}'; "
                                            f"memory-bank negatives: {banks} (at most N - 1)"}
@@ -396,10 +396,12 @@ def _teacher_counts(cfg: TransferConfig, pool: int) -> list[int]:
 
 @dataclass
 class _Unlabeled:
-    """One unlabeled set the students distil on: its split config, the dataset, a first batch."""
+    """One unlabeled set the students distil on: its split config, the dataset, the recipe's loss
+    options for its size (K capped where asked), a first batch."""
 
     split: UnlabeledSplit
     dataset: Dataset
+    loss_options: dict[str, dict[str, Any]]
     sample: Optional[dict] = None
 
     def data_record(self, data: dict, sizes: Optional[list[int]]) -> dict:
@@ -423,7 +425,7 @@ def _unlabeled(cfg: TransferConfig, part: UnlabeledSplit) -> _Unlabeled:
     if len(dataset) < cfg.distill.train.batch_size and any(m != "random" for m in cfg.distill.methods):
         raise ConfigError(f"distill.train.batch_size={cfg.distill.train.batch_size} exceeds the {len(dataset)} "
                           f"unlabeled images of data.distill (subset {part.subset}); lower batch_size")
-    return _Unlabeled(part, dataset)
+    return _Unlabeled(part, dataset, recipe_loss_options(cfg.distill, len(dataset)))
 
 
 @dataclass
