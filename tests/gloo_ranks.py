@@ -19,12 +19,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, out_dir: str, fn: Callable[[int, int], Any]) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+def _rank_main(rank: int, world: int, store: str, out_dir: str, fn: Callable[[int, int], Any]) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file store: no TCP port to race for, and no store server thread living in rank 0.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        torch.save(fn(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
+        result = fn(rank, world)
+        path = os.path.join(out_dir, f"rank{rank}.pt")
+        torch.save(result, path + ".part")
+        os.replace(path + ".part", path)  # whole or absent
+        dist.barrier()  # no rank tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -32,10 +36,18 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, fn: Callable[[int
 def run_on_ranks(fn: Callable[[int, int], Any], world: int, out_dir: Path) -> list[Any]:
     """``fn(rank, world)`` on ``world`` spawned processes; returns each rank's result, rank order.
 
-    ``fn`` must be a module-level function (the children import it by name).
+    ``fn`` must be a module-level function (the children import it by name). A process that
+    dies in gloo's teardown after every rank wrote its result (a std::terminate at exit seen
+    now and then on CPU) does not fail the run: the results are whole and are what is tested.
     """
-    mp.spawn(_rank_main, args=(world, free_port(), str(out_dir), fn), nprocs=world, join=True)
-    return [torch.load(Path(out_dir) / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+    out_dir = Path(out_dir)
+    paths = [out_dir / f"rank{rank}.pt" for rank in range(world)]
+    try:
+        mp.spawn(_rank_main, args=(world, str(out_dir / "gloo-store"), str(out_dir), fn), nprocs=world, join=True)
+    except mp.ProcessExitedException:
+        if not all(p.exists() for p in paths):
+            raise
+    return [torch.load(p, weights_only=False) for p in paths]
 
 
 def sgd_on_my_share(model: torch.nn.Module, batches, rank: int, world: int,
