@@ -117,18 +117,27 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     ``arch`` from another library (``student.arch=tv:resnet18`` where the recipe names xmodal's
     ``resnet8``) drops the model's ``options`` (``width`` means nothing to torchvision); set
     ``<model>.options`` after it to give the new one's. Within one library they are kept
-    (``efficientnet_lite0`` -> ``efficientnet_lite1`` keeps ``pretrained``).
+    (``efficientnet_lite0`` -> ``efficientnet_lite1`` keeps ``pretrained``). A number names an
+    entry of a list: ``teachers.1.train.epochs=0``.
     """
     parts = key.split(".")
-    node = data
-    for part in parts[:-1]:
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):  # "teachers.1.train.epochs": the second entry of a list
+            node = node[_position(node, part, ".".join(parts[:i]))]
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {'.'.join(parts[:i + 1])} is {node!r}, not a mapping")
+            continue
         child = node.get(part)
         if isinstance(child, str):  # "data: stl10" shorthand followed by "data.root=..."
             child = {"name": child}
-        elif not isinstance(child, dict):
+        elif not isinstance(child, (dict, list)):
             child = {}
         node[part] = child
         node = child
+    if isinstance(node, list):
+        node[_position(node, parts[-1], ".".join(parts[:-1]))] = value
+        return
     current = node.get(parts[-1])
     if parts[-1] == "arch" and isinstance(node.get("options"), dict) and _library(current) != _library(value):
         node.pop("options")
@@ -137,6 +146,14 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
         node[parts[-1]] = {**switched, "name": value}
         return
     node[parts[-1]] = value
+
+
+def _position(items: list, part: str, where: str) -> int:
+    """The list index ``part`` names in an override (``teachers.1...``), checked."""
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(f"override of {where}.{part}: {where} lists {len(items)} entries; "
+                          f"name one by its position 0..{len(items) - 1}")
+    return int(part)
 
 
 def _library(arch: Any) -> str:
@@ -296,7 +313,9 @@ def identity(obj: Any) -> Any:
 
 #: Tasks of earlier versions and what a recipe names instead.
 RETIRED_TASKS = {"rgbd": "task 'transfer' with protocols: [segmentation] and teacher.train.epochs: 0 "
-                         "(see recipes/nyu-rgb2depth.yaml)"}
+                         "(see recipes/nyu-rgb2depth.yaml)",
+                 "ensemble": "task 'transfer' with teachers: M (copies of teacher) or a list, and protocols: [test] "
+                             "(see recipes/ensemble-cifar.yaml)"}
 
 
 def resolve(recipe: str, overrides: list[str], schemas: dict[str, type]) -> Any:

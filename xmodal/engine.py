@@ -208,13 +208,14 @@ class Engine:
 
     # --------------------------------------------------------------- loaders
     def loader(self, dataset: Dataset, batch_size: int, shuffle: bool, epoch: int = 0,
-               drop_last: bool = False) -> DataLoader:
-        """A DataLoader over this rank's share of every global batch of ``dataset``."""
+               drop_last: bool = False, seed: Optional[int] = None) -> DataLoader:
+        """A DataLoader over this rank's share of every global batch of ``dataset``, shuffled from
+        ``seed`` (the run's when ``None``)."""
         if drop_last and len(dataset) < batch_size:
             raise ConfigError(
                 f"batch_size={batch_size} exceeds the {len(dataset)} training samples; lower batch_size"
             )
-        sampler = GlobalBatchSampler(len(dataset), batch_size, shuffle, self.seed, epoch, drop_last,
+        sampler = GlobalBatchSampler(len(dataset), batch_size, shuffle, self.seed if seed is None else seed, epoch, drop_last,
                                      self.rank, self.world)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
                           pin_memory=self.device.type == "cuda", persistent_workers=False)
@@ -264,7 +265,8 @@ class Engine:
             sums: dict[str, float] = {}
             count = 0
             began = time.perf_counter()
-            loader = self.loader(stage.dataset, stage.batch_size, shuffle=True, epoch=epoch, drop_last=True)
+            loader = self.loader(stage.dataset, stage.batch_size, shuffle=True, epoch=epoch, drop_last=True,
+                                 seed=stage.data_seed)
             bar = self.progress(loader, desc=f"{stage.name} {epoch + 1}/{stage.epochs}")
             for step_in_epoch, batch in enumerate(bar):
                 batch = self.to_device(batch)

@@ -68,6 +68,8 @@ class Stage:
         config: what defines this stage; a checkpoint of another config is refused.
         frozen: modules moved to the device and kept in eval mode (teachers).
         on_epoch_start: called with the epoch before its batches (e.g. ``dataset.set_epoch``).
+        data_seed: the seed of its data order (``None``: the run's), e.g. each teacher of an
+            ensemble its own.
     """
 
     name: str
@@ -81,6 +83,7 @@ class Stage:
     config: Mapping[str, Any] = field(default_factory=dict)
     frozen: Mapping[str, nn.Module] = field(default_factory=dict)
     on_epoch_start: Optional[Callable[[int], None]] = None
+    data_seed: Optional[int] = None
 
     @classmethod
     def on_schedule(cls, train: TrainConfig, **fields: Any) -> "Stage":

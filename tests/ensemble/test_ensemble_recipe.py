@@ -2,20 +2,19 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 
 import pytest
 import torch
 
 from xmodal.cli import main
-from xmodal.models import build_model, load_backbone, save_backbone
+from xmodal.models import build_model, save_backbone
 from xmodal.models.checkpoint import read_checkpoint
 from xmodal.tasks.distill import critic_weights
 
 TINY = [
-    "data.train.subset=100", "data.test.subset=50", "data.num_workers=0",
-    "teachers.count=2", "teachers.model.options={width: 4}", "teachers.train.epochs=1", "teachers.train.batch_size=50",
+    "data.teacher.subset=100", "data.distill.subset=100", "data.probe_test.subset=50", "data.num_workers=0",
+    "teachers=2", "teacher.model.options={width: 4}", "teacher.train.epochs=1", "teacher.train.batch_size=50",
     "student.options={width: 4}", "distill.n_teachers=[1,2]", "distill.train.epochs=1", "distill.train.batch_size=50",
     "distill.loss_options.crd.nce_k=32",
 ]
@@ -34,14 +33,20 @@ def test_tiny_cifar_run_reports_every_method_and_teacher_count(cifar10_jpeg, tmp
     args = ["run", "ensemble-cifar", f"output_dir={out}", "data=imagefolder", f"data.root={cifar10_jpeg}", *TINY]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
-    rows = {(r["method"], r["n_teachers"]) for r in report["results"]}
-    assert rows == {("ce", 0)} | {(m, n) for m in METHODS[1:] for n in (1, 2)}
-    assert all(set(r) == {"method", "protocol", "metric", "value", "n_teachers"} for r in report["results"])
+    rows = {(r["method"], r.get("n_teachers")) for r in report["results"]}
+    assert rows == {("ce", None)} | {(m, n) for m in METHODS[1:] for n in (1, 2)}
     assert all(r["protocol"] == "test" and r["metric"] == "top1" and 0 <= r["value"] <= 100 for r in report["results"])
     assert set(report["teachers"]["ensemble_top1"]) == {"1", "2"} and len(report["teachers"]["members"]) == 2
-    assert (out / "report.png").stat().st_size > 0 and (out / "teachers" / "teacher-1.safetensors").exists()
-    history = json.loads((out / "stages" / "distill-crd_ensemble-m2-s0" / "result.json").read_text())["history"]
+    # copy i of the teacher is seeded seed + i: two different networks
+    assert [m["seed"] for m in report["teachers"]["members"]] == [0, 1]
+    first, second = (read_checkpoint(out / "teachers" / f"teacher-{i}.safetensors")["state_dict"] for i in range(2))
+    assert not torch.equal(first["fc.weight"], second["fc.weight"])
+    # the averaged softmax of one teacher is that teacher
+    assert report["teachers"]["ensemble_top1"]["1"] == report["teachers"]["members"][0]["top1"]
+    assert (out / "report.png").stat().st_size > 0
+    history = json.loads((out / "stages" / "distill-crd_ensemble-m2" / "result.json").read_text())["history"]
     assert {"ce", "crd_0", "crd_1"} <= set(history[0])  # every teacher's critic is logged
+    assert set(json.loads((out / "stages" / "train-ce" / "result.json").read_text())["history"][0]) >= {"ce"}
     # running again resumes: every stage is finished, so nothing trains and the numbers repeat
     assert main(args) == 0
     assert json.loads((out / "report.json").read_text())["results"] == report["results"]
@@ -71,16 +76,20 @@ def test_split_crd_weight_reaches_the_critics(cifar10_jpeg, tmp_path, monkeypatc
     common = ["run", "ensemble-cifar", "data=imagefolder", f"data.root={cifar10_jpeg}", *TINY,
               "distill.methods=[crd_ensemble]", "distill.n_teachers=[2]"]
     assert main([*common, f"output_dir={tmp_path / 'paper'}"]) == 0
+    paper, built[:] = list(built), []
     assert main([*common, f"output_dir={tmp_path / 'split'}", "distill.split_crd_weight=true"]) == 0
-    assert built == [pytest.approx([0.8, 0.8]), pytest.approx([0.4, 0.4])]
+    assert paper and all(w == pytest.approx([0.8, 0.8]) for w in paper)
+    assert built and all(w == pytest.approx([0.4, 0.4]) for w in built)
 
 
 @pytest.mark.slow
 def test_tiny_cross_modal_run_gives_each_teacher_its_own_view(cifar10_jpeg, tmp_path):
     out = tmp_path / "lab"
+    tiny = [a for a in TINY if not a.startswith("teacher")] + [
+        f"teachers.{i}.{key}" for i in range(2) for key in ("model.options={width: 4}", "train.epochs=1",
+                                                            "train.batch_size=50")]
     args = ["run", "ensemble-lab", f"output_dir={out}", "data=imagefolder", f"data.root={cifar10_jpeg}",
-            "distill.methods=[crd_ensemble]", *[a for a in TINY if not a.startswith("teachers.count")],
-            "distill.n_teachers=[2]"]
+            "distill.methods=[crd_ensemble]", *tiny, "distill.n_teachers=[2]"]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert [m["view"] for m in report["teachers"]["members"]] == ["L", "rgb"]
@@ -94,17 +103,22 @@ def _checkpoint(path, num_classes: int, seed: int = 0, in_channels: int = 3):
     return save_backbone(path, build_model("resnet8", in_channels, num_classes, width=4))
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["teachers.count=0"], "teachers: the pool is empty"),
-    (["teachers.count=2", "distill.n_teachers=[1,4]"], "asks for 4 teachers but the pool has 2"),
-    (["teachers.count=2", "distill.n_teachers=[1,2]", "distill.teacher_weights=[1.0]"], "teacher_weights has 1 entries for a pool of 2"),
-    (["teachers.members=[{seed: 3}, {}, {}, {}]"], "members[0] and [3] are the same network"),
-    (["teachers.count=1", "teachers.members=[{}, {}]"], "members lists 2 teachers but teachers.count=1"),
-    (["distill.methods=[ce,dml]"], "distill.methods"),
+@pytest.mark.parametrize("recipe, overrides, message", [
+    ("ensemble-cifar", ["teachers=0"], "teachers=0: give a number of copies of teacher >= 1"),
+    ("ensemble-cifar", ["teachers=2", "distill.n_teachers=[1,4]"], "asks for 4 teachers but teachers lists 2"),
+    ("ensemble-cifar", ["teachers=2", "distill.n_teachers=[1,2]", "distill.teacher_weights=[1.0]"],
+     "teacher_weights has 1 entries for a pool of 2"),
+    ("ensemble-cifar", ["teachers=[{}, {}]"], "teacher and a teachers list are both set"),
+    ("ensemble-lab", ["teachers=[{seed: 3}, {}, {}, {}]"], "teachers[0] and teachers[3] are the same network"),
+    ("ensemble-lab", ["teachers.2.train.epochs=1"], "teachers lists 2 entries; name one by its position 0..1"),
+    ("ensemble-cifar", ["student_seeds=[0,1]"], "recipe key 'student_seeds' is now 'seeds"),
+    ("ensemble-cifar", ["data.train.subset=10"], "recipe key 'data.train' is now 'data.teacher and data.distill'"),
+    ("ensemble-cifar", ["distill.methods=[ce,dml]"], "unknown distillation method 'dml'"),
+    ("ensemble-cifar", ["distill.methods=[crd]"], "protocol test scores the student's own classifier, but 'crd'"),
 ])
-def test_bad_pool_is_one_line_exit_2(tmp_path, capsys, overrides, message):
+def test_bad_pool_is_one_line_exit_2(tmp_path, capsys, recipe, overrides, message):
     out = tmp_path / "x"
-    assert main(["run", "ensemble-cifar", f"output_dir={out}", *overrides]) == 2
+    assert main(["run", recipe, f"output_dir={out}", *overrides]) == 2
     assert message in _error(capsys)
     assert not out.exists()
 
@@ -116,60 +130,29 @@ def test_duplicate_and_foreign_checkpoints_are_refused(tmp_path, capsys):
     hundred = _checkpoint(tmp_path / "c100.pt", 100)
     luminance = _checkpoint(tmp_path / "L.pt", 10, in_channels=1)
     out = tmp_path / "x"
-    for members, message in [
-        (f"[{{checkpoint: {first}}}, {{checkpoint: {other}}}, {{checkpoint: {first}}}]", "members[0] and [2] are the same checkpoint"),
-        (f"[{{checkpoint: {first}}}, {{checkpoint: {copy}}}]", "members[0] and [1] are the same checkpoint"),
-        (f"[{{checkpoint: {first}}}, {{checkpoint: {hundred}}}]", "classifies 100 classes but the data (synthetic train) has 10"),
-        (f"[{{checkpoint: {luminance}}}]", "takes 1 input channels but its view 'rgb' has 3"),
+    net = "model: {options: {width: 4}}"  # a checkpoint teacher's network is its section's, checked
+    for files, message in [
+        ([first, other, first], "teachers[0] and teachers[2] are the same network"),
+        ([first, copy], "teachers[0] and teachers[1] are the same network"),
+        ([first, hundred], "their classifiers have [10, 100] classes"),
+        ([hundred], "the student has 10 classes, the teachers 100"),
+        ([luminance], "in_channels=1"),
     ]:
-        assert main(["run", "ensemble-cifar", f"output_dir={out}", f"teachers.members={members}",
-                     "distill.n_teachers=[1]"]) == 2
+        members = "[" + ", ".join(f"{{checkpoint: {f}, {net}}}" for f in files) + "]"
+        assert main(["run", "ensemble-cifar", f"output_dir={out}", "teacher=null", f"teachers={members}",
+                     f"distill.n_teachers=[{len(files)}]", "distill.methods=[kd_ensemble]"]) == 2
         assert message in _error(capsys)
         assert not out.exists()
 
 
-def test_a_checkpoint_members_identity_is_its_file(tmp_path):
-    # A student's stage records each teacher it learnt from; for a checkpoint that is the file's
-    # content, so another file at the same path is another teacher, the same file elsewhere the same.
-    from xmodal.schema import ModelConfig
-    from xmodal.tasks.ensemble_pool import Member
-
-    def member(path) -> Member:
-        return Member(position=0, model=ModelConfig(arch="resnet8"), view="rgb", seed=0, checkpoint=str(path))
-
-    path = _checkpoint(tmp_path / "t.pt", 10)
-    first = member(path).identity
-    assert "checkpoint" not in first and first["checkpoint_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-    moved = tmp_path / "elsewhere" / "t.pt"
-    moved.parent.mkdir()
-    moved.write_bytes(path.read_bytes())
-    assert member(moved).identity == first
-    _checkpoint(path, 10, seed=1)
-    assert member(path).identity["checkpoint_sha256"] != first["checkpoint_sha256"]
-    trained = Member(position=1, model=ModelConfig(arch="resnet8"), view="rgb", seed=0, checkpoint=None)
-    assert "checkpoint_sha256" not in trained.identity
-    # a member reads its file once: identity and the weights it loads are those bytes, whatever is
-    # put at the path later (before, the identity hashed the path at resolve time and the pool
-    # loaded it again when it built the teachers)
-    read = member(path)
-    before = path.read_bytes()
-    recorded = read.identity["checkpoint_sha256"]
-    _checkpoint(path, 10, seed=2)
-    assert path.read_bytes() != before
-    assert read.identity["checkpoint_sha256"] == recorded == hashlib.sha256(before).hexdigest()
-    loaded = load_backbone(read.file, "teacher 0").state_dict()
-    original = torch.load(io.BytesIO(before), weights_only=True)["state_dict"]
-    assert loaded.keys() == original.keys() and all(torch.equal(loaded[k], original[k]) for k in loaded)
-
-
 @pytest.mark.slow
 def test_a_member_file_replaced_at_its_path_is_another_teacher(tmp_path, capsys):
-    # The student stages of a run with a checkpoint member record the file's content: a run
+    # The student stages of a run with a checkpoint teacher record the file's content: a run
     # into the same folder after the file was replaced is refused, not resumed as the old students.
     member = _checkpoint(tmp_path / "member.pt", 10)
     out = tmp_path / "run"
     args = ["run", "ensemble-cifar", f"output_dir={out}", "data.options={num_samples: 120}", "data.num_workers=0",
-            f"teachers.members=[{{checkpoint: {member}}}]", "teachers.count=1", "distill.n_teachers=[1]",
+            "teacher=null", f"teachers=[{{checkpoint: {member}, model: {{options: {{width: 4}}}}}}]", "distill.n_teachers=[1]",
             "distill.methods=[kd_ensemble]", "student.options={width: 4}", "distill.train.epochs=1",
             "distill.train.batch_size=40"]
     assert main(args) == 0
@@ -179,3 +162,11 @@ def test_a_member_file_replaced_at_its_path_is_another_teacher(tmp_path, capsys)
     capsys.readouterr()
     assert main(args) == 2
     assert "of a run with another configuration" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_recipe_of_the_former_ensemble_task_is_told_what_it_now_is(tmp_path, capsys):
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("task: ensemble\nteachers: {count: 4}\nstudent_seeds: [0, 1]\n")
+    assert main(["run", str(recipe), f"output_dir={tmp_path / 'run'}"]) == 2
+    assert "now task 'transfer' with teachers: M (copies of teacher) or a list, and protocols: [test]" in _error(capsys)
+    assert not (tmp_path / "run").exists()

@@ -89,8 +89,8 @@ def test_probe_splits_in_different_label_spaces_are_refused(tmp_path, capsys, ny
     args = ["run", "lab-color-transfer", f"output_dir={tmp_path / 'x'}", "data.probe_train.classes=[0,1]"]
     assert main(args) == 2
     assert "data.probe_train.classes=['0', '1'] and data.probe_test.classes=None differ" in _error(capsys)
-    assert main(["run", "ensemble-cifar", f"output_dir={tmp_path / 'y'}", "data.test.classes=[3]"]) == 2
-    assert "data.train.classes=None and data.test.classes=['3'] differ" in _error(capsys)
+    assert main(["run", "ensemble-cifar", f"output_dir={tmp_path / 'y'}", "data.probe_test.classes=[3]"]) == 2
+    assert "data.distill.classes=None and data.probe_test.classes=['3'] differ" in _error(capsys)
     assert main(["run", "nyu-rgb2depth", f"output_dir={tmp_path / 'z'}", f"data.root={nyuv2_mini}",
                  "data.distill.classes=[3]"]) == 2
     assert "data.distill.classes: this split's images carry no classes to select from" in _error(capsys)

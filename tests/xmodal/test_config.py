@@ -36,14 +36,11 @@ def test_switching_the_dataset_keeps_the_recipes_splits_and_quick_sizes():
     # data=NAME switches the dataset only: the recipe's subsets and quick=true's sizes stay (a quick
     # run on a 50,000-image folder must not silently train on all of it); the options of the
     # dataset named before (the built-in set's num_samples) go.
-    from xmodal.tasks.ensemble import EnsembleConfig
-
-    schemas = {**SCHEMAS, "ensemble": EnsembleConfig}
-    recipe = resolve("ensemble-cifar", [], schemas)
-    quick = resolve("ensemble-cifar", ["quick=true", "data=imagefolder", "data.root=/x"], schemas)
+    recipe = resolve("ensemble-cifar", [], SCHEMAS)
+    quick = resolve("ensemble-cifar", ["quick=true", "data=imagefolder", "data.root=/x"], SCHEMAS)
     assert quick.data.name == "imagefolder" and quick.data.root == "/x"
-    assert quick.data.train.subset == 1000 and quick.data.test.subset == 1000
-    assert quick.data.train.split == recipe.data.train.split
+    assert quick.data.teacher.subset == 1000 and quick.data.probe_test.subset == 1000
+    assert quick.data.teacher.split == recipe.data.teacher.split
     lab = resolve("lab-color-transfer", ["quick=true", "data=imagefolder", "data.root=/x"], SCHEMAS)
     assert lab.data.options == {} and lab.data.distill.subset == 4000 and lab.data.teacher.subset == 4000
     same = resolve("lab-color-transfer", ["quick=true", "data=synthetic"], SCHEMAS)
@@ -125,10 +122,8 @@ def test_yaml_12_scalars_in_overrides_and_recipe_files(tmp_path):
 
 def test_stage_identity_leaves_out_the_fields_marked_so():
     """identity() against the records the tasks used to build by hand: to_dict with the workers,
-    the trackers, the teacher's probe and its unset num_classes / view popped, and the test split
-    of an ensemble."""
+    the trackers, the teacher's probe and its unset num_classes / view / seed popped."""
     from xmodal.config import identity, resolve, to_dict
-    from xmodal.tasks.ensemble import EnsembleConfig
     from xmodal.tasks.transfer import TransferConfig
 
     cfg = resolve("lab-imagenet-teacher", ["data.root=/x"], {"transfer": TransferConfig})
@@ -137,13 +132,14 @@ def test_stage_identity_leaves_out_the_fields_marked_so():
     by_hand.pop("log_with")  # where the scalars are logged changes no result
     by_hand["teacher"].pop("probe")
     by_hand["teacher"].pop("view")  # unset; num_classes is set (1000) and stays
+    by_hand["teacher"].pop("seed")
     for key in ("encoder_modes", "eval_batch_size", "pictures"):  # each mode is a stage of its own; no result changes
         by_hand["segmentation"].pop(key)
     assert identity(cfg) == by_hand
     cfg.teacher.view = "L"
     assert identity(cfg)["teacher"]["view"] == "L"  # set: part of the identity
-    ens = resolve("ensemble-cifar", [], {"ensemble": EnsembleConfig})
-    assert set(identity(ens)["data"]) == set(to_dict(ens)["data"]) - {"test", "num_workers"}
+    cfg.teacher.seed = 3
+    assert identity(cfg)["teacher"]["seed"] == 3
 
 
 def test_an_arch_from_another_library_drops_the_recipes_model_options():

@@ -15,7 +15,7 @@ from xmodal.distiller import Distiller, term_names
 from xmodal.errors import ConfigError
 from xmodal.modalities import build_modality
 from xmodal.models import build_model
-from xmodal.tasks.distill import needs_logits
+from xmodal.tasks.distill import reads_logits, resolve_method
 
 N = 40
 
@@ -148,7 +148,7 @@ def toy_logit_loss():
 
 
 def test_a_new_logit_loss_is_handled_from_its_declaration(toy_logit_loss):
-    assert needs_logits("toy_logits") and not needs_logits("crd")
+    assert reads_logits(resolve_method("toy_logits", {})) and not reads_logits(resolve_method("crd", {}))
     distiller = _distiller({"toy_logits": 1.0})
     assert set(distiller.criteria) == {"toy_logits"}  # one term for the averaged teachers, not one per teacher
     batch = _batch(4)

@@ -94,7 +94,7 @@ def test_one_teacher_of_a_list_distils_exactly_as_the_single_teacher(tmp_path, c
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["teacher.probe=true"], "teacher and teachers are both set"),
+    (["teacher.probe=true"], "teacher and a teachers list are both set"),
     (["distill.n_teachers=[1,4]"], "distill.n_teachers asks for 4 teachers but teachers lists 3"),
     (["distill.n_teachers=[0]"], "expected distinct teacher counts >= 1"),
     (["teachers=[{model: {arch: efficientnet_lite0, options: {pretrained: true}}, num_classes: 1000, "

@@ -68,8 +68,8 @@ def test_a_planted_ensemble_member_runs_nothing(tmp_path, error_line):
     marker, planted = tmp_path / "ran", tmp_path / "member.pt"
     _plant(planted, marker)
     out = tmp_path / "run"
-    code = main(["run", "ensemble-cifar", f"output_dir={out}", f"teachers.members=[{{checkpoint: {planted}}}]",
-                 "distill.n_teachers=[1]"])
+    code = main(["run", "ensemble-cifar", f"output_dir={out}", "teacher=null",
+                 f"teachers=[{{checkpoint: {planted}}}, {{checkpoint: {planted}}}]", "distill.n_teachers=[1]"])
     assert code == 2 and not marker.exists()
     assert "member.pt" in error_line()
 

@@ -44,8 +44,9 @@ LAB = "lab-color-transfer"
 SMALL_BATCHES = ["distill.train.batch_size=2", "segmentation.train.batch_size=2"]
 NYU_TINY = ["data.options.size=[32,48]", "distill.train.epochs=1", "segmentation.train.epochs=1", "data.num_workers=0"]
 ENSEMBLE_TINY = [
-    "data.train.subset=40", "data.test.subset=20", "data.num_workers=0", "teachers.model.options={width: 4}",
-    "teachers.train.epochs=1", "student.options={width: 4}", "distill.train.epochs=1", "distill.loss_options.crd.nce_k=8",
+    "data.teacher.subset=40", "data.distill.subset=40", "data.probe_test.subset=20", "data.num_workers=0",
+    "teacher.model.options={width: 4}", "teacher.train.epochs=1", "teacher.train.batch_size=20",
+    "student.options={width: 4}", "distill.train.epochs=1", "distill.train.batch_size=20", "distill.loss_options.crd.nce_k=8",
 ]
 
 
@@ -134,7 +135,8 @@ def _nyu(folder: str, *more: str) -> Callable[[Path], list[str]]:
 
 
 def _ensemble(*more: str) -> Callable[[Path], list[str]]:
-    return lambda d: ["data=imagefolder", f"data.root={d / 'corrupt'}", "data.train.split=test", *ENSEMBLE_TINY, *more]
+    return lambda d: ["data=imagefolder", f"data.root={d / 'corrupt'}", "data.teacher.split=test",
+                      "data.distill.split=test", *ENSEMBLE_TINY, *more]
 
 
 CASES = [
@@ -260,18 +262,21 @@ CASES = [
          recipe="nyu-rgb2depth"),
     Case("NYU: data root that does not exist", _nyu("nyu-missing"), "does not exist", recipe="nyu-rgb2depth"),
     # Ensembles (ensemble-cifar recipe, on the 2-class JPEG folder)
-    Case("ensemble: empty teacher list", _ensemble("teachers.count=0"), "the pool is empty", recipe="ensemble-cifar"),
+    Case("ensemble: no teachers", _ensemble("teachers=0"), "teachers=0: give a number of copies of teacher >= 1",
+         recipe="ensemble-cifar"),
     Case("ensemble: teacher whose class count differs from the data's",
-         lambda d: _ensemble("teachers.count=1", "distill.n_teachers=[1]",
-                             f"teachers.members=[{{checkpoint: {_checkpoint(d / 't10.pt', 'resnet8', 4, 3, 10)}}}]")(d),
-         "classifies 10 classes but the data", recipe="ensemble-cifar"),
+         lambda d: _ensemble("teacher=null", "distill.n_teachers=[1]", f"teachers=[{{checkpoint: "
+                             f"{_checkpoint(d / 't10.pt', 'resnet8', 4, 3, 10)}, model: {{options: {{width: 4}}}}}}]")(d),
+         "the student has 2 classes, the teachers 10", recipe="ensemble-cifar"),
     Case("ensemble: the same teacher checkpoint twice",
-         lambda d: _ensemble("teachers.count=2", "distill.n_teachers=[1,2]",
-                             f"teachers.members=[{{checkpoint: {_checkpoint(d / 't2.pt', 'resnet8', 4, 3, 2)}}}, "
+         lambda d: _ensemble("teacher=null", "distill.n_teachers=[1,2]",
+                             f"teachers=[{{checkpoint: {_checkpoint(d / 't2.pt', 'resnet8', 4, 3, 2)}}}, "
                              f"{{checkpoint: {d / 't2.pt'}}}]")(d),
-         "are the same checkpoint", recipe="ensemble-cifar"),
+         "teachers[0] and teachers[1] are the same network", recipe="ensemble-cifar"),
+    Case("ensemble: the former ensemble task's student seeds", _ensemble("student_seeds=[0,1]"),
+         "recipe key 'student_seeds' is now 'seeds", recipe="ensemble-cifar"),
     Case("ensemble: critic weights that do not match the pool",
-         _ensemble("teachers.count=2", "distill.n_teachers=[1,2]", "distill.teacher_weights=[1.0]"),
+         _ensemble("teachers=2", "distill.n_teachers=[1,2]", "distill.teacher_weights=[1.0]"),
          "teacher_weights has 1 entries for a pool of 2", recipe="ensemble-cifar"),
     Case("ensemble: a key of the former recipe dialect", _ensemble("distill.crd.nce_k=8"),
          "recipe key 'distill.crd' is now 'distill.loss_options.crd'", recipe="ensemble-cifar"),

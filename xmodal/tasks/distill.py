@@ -5,7 +5,8 @@ warm banks and a per-batch Z, ``crd_paper`` the same term as the paper ran it, `
 {crd: 0.8, kd: 1.0} (CRD+KD), ``random`` = {} (no training: the student at its
 initialisation, the reference point of every table). Any registered loss name is a method of
 one term at its ``default_weight``. With labels, ``ce_weight`` adds cross-entropy (the paper's
-gamma); unlabeled cross-modal runs have none.
+gamma); unlabeled cross-modal runs have none. The labeled methods of the paper's ensemble table
+(``ce``, ``kd_ensemble``, ``crd_ensemble``, ``crd_kd_ensemble``) fix their own gamma.
 
 Losses with a first stage (AB, FT, FSP) get it here, as its own stage, before distillation.
 """
@@ -30,12 +31,14 @@ from xmodal.schema import DistillSection, TrainConfig
 
 @dataclass(frozen=True)
 class Method:
-    """Loss terms with their weights, whether CRD's banks start from one inference pass, and
-    loss options the method fixes (laid over ``distill.loss_options`` for its terms)."""
+    """Loss terms with their weights, whether CRD's banks start from one inference pass, loss
+    options the method fixes (laid over ``distill.loss_options`` for its terms), and the weight
+    of cross-entropy on labels (``ce``; a method that fixes none takes ``distill.ce_weight``)."""
 
     terms: dict[str, float]
     warm_start: bool = False
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ce: float = 0.0
 
 
 #: Per-batch NCE normaliser: Z estimated from each batch instead of once from the first.
@@ -55,6 +58,12 @@ PRESETS: dict[str, Method] = {
     # The same critic, banks and draws with InfoNCE (softmax over 1 + K) in place of NCE; it has no Z.
     "infonce": Method({"infonce": 0.8}, warm_start=True),
     "infonce_paper": Method({"infonce": 0.8}),
+    # With labels, the CRD paper's ensemble table (RepDistiller's weights): gamma on CE, alpha on
+    # KD from the averaged soft labels, beta on every teacher's critic. ``ce`` has no teacher.
+    "ce": Method({}, ce=1.0),
+    "kd_ensemble": Method({"kd": 0.9}, ce=0.1),
+    "crd_ensemble": Method({"crd": 0.8}, ce=1.0),
+    "crd_kd_ensemble": Method({"crd": 0.8, "kd": 1.0}, ce=1.0),
 }
 #: Former names, still accepted with a note: what each meant, and the name to use now.
 DEPRECATED: dict[str, tuple[Method, str]] = {
@@ -64,11 +73,14 @@ DEPRECATED: dict[str, tuple[Method, str]] = {
     "infonce_warm": (PRESETS["infonce"], "infonce, which it now is"),
 }
 _NOTED: set[str] = set()
-def resolve_method(method: str, weights: Mapping[str, float], warm_start: bool = False) -> Method:
-    """The terms and options of ``method``; ``weights`` overrides a loss's default weight.
+def resolve_method(method: str, weights: Mapping[str, float], warm_start: bool = False,
+                   ce_weight: float = 0.0) -> Method:
+    """The terms, options and CE weight of ``method``; ``weights`` overrides a loss's default
+    weight (``weights.ce`` the CE of a method that fixes its own).
 
     Any registered loss name is a method of one term at its ``default_weight``;
-    ``warm_start=True`` warm-starts every method's banks.
+    ``warm_start=True`` warm-starts every method's banks; ``ce_weight`` is the CE of a method
+    that fixes none.
     """
     if method in PRESETS:
         preset = PRESETS[method]
@@ -86,7 +98,8 @@ def resolve_method(method: str, weights: Mapping[str, float], warm_start: bool =
         valid = sorted(set(PRESETS) | set(losses.available()))
         raise ConfigError(f"unknown distillation method {method!r}; expected one of {', '.join(valid)}")
     terms = {name: float(weights.get(name, weight)) for name, weight in preset.terms.items()}
-    return Method(terms, warm_start=preset.warm_start or warm_start, options=preset.options)
+    ce = float(weights.get("ce", preset.ce)) if preset.ce else float(ce_weight)
+    return Method(terms, warm_start=preset.warm_start or warm_start, options=preset.options, ce=ce)
 
 
 def method_loss_options(spec: Method, loss_options: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -115,11 +128,9 @@ def bank_sizes(methods: Sequence[str], weights: Mapping[str, float], options: Ma
                      if losses.get(name).memory_bank and "nce_k" in options.get(name, {}))
 
 
-def needs_logits(method: str) -> bool:
-    """Whether the student must carry a classifier for ``method`` (KD reads logits)."""
-    named = {**{name: spec for name, (spec, _) in DEPRECATED.items()}, **PRESETS}
-    terms = named[method].terms if method in named else {method: 0.0}
-    return any(losses.get(name).reads_logits for name in terms if name in losses.available())
+def reads_logits(spec: Method) -> bool:
+    """Whether a term of ``spec`` reads the student's logits (KD)."""
+    return any(losses.get(name).reads_logits for name in spec.terms)
 
 
 def critic_weights(beta: float, teacher_weights: Sequence[float], split: bool) -> list[float]:
@@ -164,7 +175,6 @@ def distill_stages(
     record: Mapping[str, Any] = (),
     sample: Optional[Mapping[str, Tensor]] = None,
     tag: str = "",
-    spec: Optional[Method] = None,
     teacher_weights: Optional[Sequence[float]] = None,
 ) -> list[Stage]:
     """The stages that distill ``teachers`` (frozen, each with the view it reads) into ``student``
@@ -173,12 +183,11 @@ def distill_stages(
     ``record`` is the part of the recipe that defines these stages (their checkpoint key).
     ``sample``: a batch of ``dataset`` on the device (:meth:`Engine.first_batch`), from which the losses
     read the feature shapes; fetched here when not given. ``tag`` ends the stages' names (one
-    method distilled on unlabeled sets of several sizes: ``distill-crd-n2500``). ``spec``: the
-    terms of a method that is not a registered name (the ensemble task's), instead of resolving
-    ``method``. ``teacher_weights`` scales each teacher's own terms (:class:`Distiller`).
+    method distilled on unlabeled sets of several sizes: ``distill-crd-n2500``).
+    ``teacher_weights`` scales each teacher's own terms (:class:`Distiller`).
     """
-    spec = spec or resolve_method(method, weights, warm_start)
-    terms = spec.terms
+    spec = resolve_method(method, weights, warm_start, ce_weight)
+    terms, ce_weight = spec.terms, spec.ce
     loss_options = method_loss_options(spec, loss_options)
     first = [name for name in terms if losses.get(name).needs_init_stage]
     if first and len(teachers) > 1:

@@ -32,9 +32,11 @@ def build_backbone(model: ModelConfig, in_channels: int, num_classes: int, seed:
 
 def supervised_stage(name: str, model: nn.Module, dataset: Dataset, view: Callable[[Mapping[str, Tensor]], Tensor],
                      train: TrainConfig, record: Mapping[str, Any],
-                     loss: Optional[Callable[[Any, Mapping[str, Tensor]], Tensor]] = None) -> Stage:
+                     loss: Optional[Callable[[Any, Mapping[str, Tensor]], Tensor]] = None,
+                     data_seed: Optional[int] = None) -> Stage:
     """A stage that trains ``model`` on ``view(batch)`` with ``loss(output, batch)``; by default
-    cross-entropy of the classifier's logits against ``batch["label"]``."""
+    cross-entropy of the classifier's logits against ``batch["label"]``. ``data_seed`` orders its
+    data (the run's seed when ``None``)."""
     loss = loss or (lambda out, batch: F.cross_entropy(out.logits, batch["label"]))
 
     def step(wrapped, batch):
@@ -42,7 +44,7 @@ def supervised_stage(name: str, model: nn.Module, dataset: Dataset, view: Callab
         return {"loss": value, "ce": value}
 
     return Stage.on_schedule(train, name=name, module=model, step=step, dataset=dataset, config=dict(record),
-                             on_epoch_start=getattr(dataset, "set_epoch", None))
+                             on_epoch_start=getattr(dataset, "set_epoch", None), data_seed=data_seed)
 
 
 def export(engine: Engine, name: str, model: nn.Module) -> None:

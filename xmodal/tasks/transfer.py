@@ -5,24 +5,31 @@ Stages, each resumable and skipped when an earlier run in the same ``output_dir`
 
 1. teacher: trained with labels on the teacher view (e.g. L), loaded from a checkpoint, or used
    as built (ImageNet weights); its top-1 on the test split is reported where its classes are
-   the data's. A ``teachers`` list gives several (``teacher-<i>``), each on its own view;
+   the data's. Several teachers (``teacher-<i>``): a ``teachers`` list, each on its own view, or
+   ``teachers: M``, M copies of ``teacher`` initialised and shuffled from seeds ``seed + i``
+   (the CRD paper's ensembles); their averaged softmax is scored for each M too;
 2. distill-<method>: for each method, a fresh student (same seed, so every method starts from
    the same weights) learns from the frozen teacher on the distillation split, without labels
-   unless ``distill.ce_weight`` > 0; ``random`` trains nothing. With a ``teachers`` list,
-   ``distill-<method>-m<M>`` for each M of ``distill.n_teachers`` learns from the first M
+   unless the method or ``distill.ce_weight`` adds cross-entropy; ``random`` trains nothing and
+   ``ce`` (``train-ce``) only on labels. With several teachers, ``distill-<method>-m<M>`` for
+   each M of ``distill.n_teachers`` learns from the first M
    (:class:`xmodal.distiller.Distiller`: one critic per teacher, KD from averaged soft labels);
-3. each student is judged on the student view (e.g. ab, depth): a linear probe on its frozen
-   pooled features, finetuning the whole network with labels, and semantic segmentation under a
-   decoder (``segment-<method>-<mode>``, :mod:`xmodal.tasks.segmentation`).
+3. each student is judged on the student view (e.g. ab, depth): its own classifier on the test
+   split (``test``), a linear probe on its frozen pooled features, finetuning the whole network
+   with labels, and semantic segmentation under a decoder (``segment-<method>-<mode>``,
+   :mod:`xmodal.tasks.segmentation`).
 """
 from __future__ import annotations
 
+import functools
+import json
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional, Union
+from typing import Any, Callable, ClassVar, Optional, Union
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from xmodal.config import IDENTITY_IF_SET, NOT_IDENTITY, identity, to_dict
@@ -33,17 +40,17 @@ from xmodal.models.checkpoint import CheckpointFile, load_weights_into, open_che
 from xmodal.schema import (DistillSection, ImageDataConfig, ModalityConfig, ModelConfig, OptimConfig, RunConfig, SplitConfig,
                            TrainConfig, check_same_classes)
 from xmodal.tasks import register_task
-from xmodal.tasks.distill import (bank_sizes, distill_stages, needs_logits, recipe_loss_options, resolve_method,
-                                  teacher_scales)
-from xmodal.tasks.evaluation import classify_top1
+from xmodal.tasks.distill import (Method, bank_sizes, distill_stages, reads_logits, recipe_loss_options,
+                                  resolve_method, teacher_scales)
+from xmodal.tasks.evaluation import classify_top1, extract, top1
 from xmodal.tasks.linear_probe import ProbeConfig, linear_probe
 from xmodal.tasks.seg_pictures import save_legend
 from xmodal.tasks.segmentation import SegmentationConfig, check_batches, segment, segmentation_data, segmentation_extra
 from xmodal.data.subset import check_classifiable, open_split
 from xmodal.tasks.supervised import build_backbone, export, supervised_stage
 
-PROTOCOLS = ("linear_probe", "finetune", "segmentation")
-CLASSIFY = {"linear_probe", "finetune"}  # the protocols that read data.probe_train / probe_test
+PROTOCOLS = ("test", "linear_probe", "finetune", "segmentation")
+TRAIN_ON_PROBE = {"linear_probe", "finetune"}  # the protocols that read data.probe_train
 
 
 @dataclass
@@ -58,6 +65,9 @@ class UnlabeledSplit(SplitConfig):
 @dataclass
 class DataSection(ImageDataConfig):
     """The dataset and which split (and subset size) each stage reads."""
+
+    #: Keys of the former ensemble task and the keys that hold them now.
+    renamed: ClassVar[dict[str, str]] = {"train": "data.teacher and data.distill", "test": "data.probe_test"}
 
     teacher: SplitConfig = field(default_factory=lambda: SplitConfig("train"))
     distill: UnlabeledSplit = field(default_factory=lambda: UnlabeledSplit("unlabeled"))
@@ -75,6 +85,8 @@ class TeacherSection:
     ``view``: the view of the batch it reads (``None``: ``modality.teacher_view``).
     ``probe``: also report a linear probe on the teacher's own features of its view of the probe
     data (a row ``teacher``): the ceiling of what its representation tells about the probe's classes.
+    ``seed``: the initialisation and data order of a teacher trained here (``None``: the run's
+    ``seed`` plus its position in ``teachers``).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -83,20 +95,25 @@ class TeacherSection:
     num_classes: Optional[int] = field(default=None, metadata=IDENTITY_IF_SET)
     probe: bool = field(default=False, metadata=NOT_IDENTITY)  # a report about the teacher, not training
     view: Optional[str] = field(default=None, metadata=IDENTITY_IF_SET)
+    seed: Optional[int] = field(default=None, metadata=IDENTITY_IF_SET)
 
 
 @dataclass
 class TransferConfig(RunConfig):
-    """Schema of recipes with ``task: transfer``."""
+    """Schema of recipes with ``task: transfer``. ``teachers``: a list of teacher sections, or a
+    number M of copies of ``teacher`` (seeds ``seed + i``)."""
+
+    #: Keys of the former ensemble task and the keys that hold them now.
+    renamed: ClassVar[dict[str, str]] = {"student_seeds": "seeds (each seed runs the whole recipe)"}
 
     task: str = "transfer"
     data: DataSection = field(default_factory=DataSection)
     modality: ModalityConfig = field(default_factory=ModalityConfig)
     teacher: TeacherSection = field(default_factory=TeacherSection)
-    teachers: list[TeacherSection] = field(default_factory=list)
+    teachers: Union[int, list[TeacherSection]] = field(default_factory=list)
     student: ModelConfig = field(default_factory=ModelConfig)
     distill: DistillSection = field(default_factory=DistillSection)
-    protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
+    protocols: list[str] = field(default_factory=lambda: ["linear_probe", "finetune"])
     linear_probe: ProbeConfig = field(default_factory=ProbeConfig)
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, optim=OptimConfig(lr=0.01)))
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
@@ -107,10 +124,16 @@ class TransferConfig(RunConfig):
             raise ConfigError(f"protocols: unknown {unknown}; expected a subset of {list(PROTOCOLS)}")
         for method in self.distill.methods:
             resolve_method(method, self.distill.weights)  # an unknown method fails before any data is read
-        check_same_classes(self.data.probe_train, "data.probe_train", self.data.probe_test, "data.probe_test")
+        if TRAIN_ON_PROBE & set(self.protocols):
+            check_same_classes(self.data.probe_train, "data.probe_train", self.data.probe_test, "data.probe_test")
+        if "test" in self.protocols:  # the student's classifier learns the distillation split's labels
+            check_same_classes(self.data.distill, "data.distill", self.data.probe_test, "data.probe_test")
         counts = self.distill.n_teachers
-        if self.teachers and self.teacher != TeacherSection():
-            raise ConfigError("teacher and teachers are both set; give one teacher under teacher, several under teachers")
+        if isinstance(self.teachers, int) and self.teachers < 1:
+            raise ConfigError(f"teachers={self.teachers}: give a number of copies of teacher >= 1, or a list")
+        if isinstance(self.teachers, list) and self.teachers and self.teacher != TeacherSection():
+            raise ConfigError("teacher and a teachers list are both set; give one teacher under teacher, several "
+                              "under teachers (or teachers: M copies of teacher)")
         several = {"n_teachers": counts, "teacher_weights": self.distill.teacher_weights,
                    "split_crd_weight": self.distill.split_crd_weight or None}
         for key, value in several.items():
@@ -145,6 +168,7 @@ class _Teacher:
 
     section: TeacherSection
     position: Optional[int]          # None: the recipe's single ``teacher``; i: ``teachers[i]``
+    seed: int                        # its initialisation and, when trained here, data order
     view: str
     held: Optional[CheckpointFile]
     as_built: bool
@@ -154,6 +178,7 @@ class _Teacher:
     test_set: Optional[Dataset] = None
     scored: bool = False
     module: Optional[nn.Module] = None
+    test_logits: Optional[Tensor] = None
 
     @property
     def name(self) -> str:
@@ -163,9 +188,8 @@ class _Teacher:
     def key(self) -> str:
         return _teacher_key(self.position)
 
-    def build(self, cfg: TransferConfig, modality: Modality) -> nn.Module:
-        return build_backbone(self.section.model, modality.channels[self.view], self.classes,
-                              cfg.seed + (self.position or 0))
+    def build(self, modality: Modality) -> nn.Module:
+        return build_backbone(self.section.model, modality.channels[self.view], self.classes, self.seed)
 
 
 def _teacher_key(position: Optional[int]) -> str:
@@ -173,10 +197,19 @@ def _teacher_key(position: Optional[int]) -> str:
     return "teacher" if position is None else f"teachers[{position}]"
 
 
-def _resolve_teacher(cfg: TransferConfig, modality: Modality, section: TeacherSection,
-                     position: Optional[int]) -> _Teacher:
-    """Check one teacher's settings and open the split it trains on; nothing is trained or loaded yet."""
-    d = cfg.data
+def _sections(cfg: TransferConfig) -> list[tuple[TeacherSection, Optional[int]]]:
+    """Every teacher's section and position: ``teacher`` alone, the ``teachers`` list, or
+    ``teachers: M`` copies of ``teacher`` with seeds ``seed + i`` (its own ``seed`` if set)."""
+    if isinstance(cfg.teachers, int):
+        first = cfg.seed if cfg.teacher.seed is None else cfg.teacher.seed
+        return [(replace(cfg.teacher, seed=first + i), i) for i in range(cfg.teachers)]
+    return [(s, i) for i, s in enumerate(cfg.teachers)] if cfg.teachers else [(cfg.teacher, None)]
+
+
+def _resolve_teacher(cfg: TransferConfig, modality: Modality, section: TeacherSection, position: Optional[int],
+                     teacher_split: Callable[[], Dataset]) -> _Teacher:
+    """Check one teacher's settings; ``teacher_split()`` opens the split it trains on. Nothing is
+    trained or loaded yet."""
     key = _teacher_key(position)
     view = section.view or modality.teacher_view
     if view not in modality.channels:
@@ -197,9 +230,22 @@ def _resolve_teacher(cfg: TransferConfig, modality: Modality, section: TeacherSe
         raise ConfigError(f"{key}.num_classes is for a teacher used as built ({key}.train.epochs=0); a trained "
                           "teacher takes its split's classes, a checkpoint its own")
     # A teacher loaded, or used as built with its own classifier size, reads no teacher split.
-    train_set = None if held is not None or as_built and section.num_classes is not None else open_split(
-        d, d.teacher, cfg.seed, augment=True, labeled=True, role="teacher")
-    return _Teacher(section, position, view, held, as_built, train_set, taught_by(identity(section), held))
+    train_set = None if held is not None or as_built and section.num_classes is not None else teacher_split()
+    seed = cfg.seed + (position or 0) if section.seed is None else section.seed
+    return _Teacher(section, position, seed, view, held, as_built, train_set, taught_by(identity(section), held))
+
+
+def _refuse_duplicates(pool: list[_Teacher]) -> None:
+    """Two entries naming the same network would count one teacher twice in every M."""
+    seen: dict[str, _Teacher] = {}
+    for t in pool:
+        trained = t.held is None and not t.as_built
+        spec = {k: v for k, v in t.identity.items() if k not in ("seed", "view")}
+        key = json.dumps([spec, t.view, t.seed if trained else None], sort_keys=True, default=str)
+        if key in seen:
+            raise ConfigError(f"{seen[key].key} and {t.key} are the same network (the same checkpoint, or the same "
+                              "arch, options, view and seed): give each another checkpoint, seed or arch")
+        seen[key] = t
 
 
 def _score_on(cfg: TransferConfig, t: _Teacher, probe_test: Optional[Dataset]) -> None:
@@ -230,74 +276,108 @@ def _score_on(cfg: TransferConfig, t: _Teacher, probe_test: Optional[Dataset]) -
 
 def _ready_teacher(cfg: TransferConfig, engine: Engine, modality: Modality, t: _Teacher, record: dict,
                    timings: dict[str, float]) -> dict[str, Any]:
-    """Train, load or take ``t`` as built, freeze it, and return its report entry."""
-    teacher = t.module = t.build(cfg, modality)
+    """Train, load or take ``t`` as built, freeze it, score it on its test split, and return its
+    report entry."""
+    teacher = t.module = t.build(modality)
     view = view_fn(modality, t.view)
     if t.as_built and teacher.fc is not None and not getattr(teacher, "pretrained_head", False):
         # KD would distil the soft labels of a classifier nobody trained
         raise ConfigError(f"{t.key}.num_classes={t.classes}: {t.section.model.arch}'s pretrained "
                           f"classifier has another number of classes (an ImageNet head: 1000), and a teacher "
                           f"used as built ({t.key}.train.epochs=0) cannot train a new one")
-    if t.held is not None or t.as_built:
-        if t.held is not None:
-            load_weights_into(teacher, t.held, role=t.key)
-        teacher.to(engine.device)
-        result = {"top1": classify_top1(engine, teacher, t.test_set, view, desc=f"{t.name} test")
-                  if t.scored else None}
-    else:
+    if t.held is not None:
+        load_weights_into(teacher, t.held, role=t.key)
+    teacher.to(engine.device)
+
+    def score() -> dict[str, Any]:  # its logits kept where several teachers' softmax is averaged
+        if not t.scored:
+            return {"top1": None}
+        _, labels, logits = extract(engine, teacher, t.test_set, view, desc=f"{t.name} test")
+        t.test_logits = logits if cfg.teachers else None
+        return {"top1": top1(logits, labels)}
+
+    if t.held is None and not t.as_built:
         stage = supervised_stage(t.name, teacher, t.train_set, view, t.section.train,
-                                 {"teacher": t.identity, "data": record["data"], "seed": cfg.seed + (t.position or 0),
-                                  "modality": record["modality"]})
-        result = engine.run(stage, lambda: {"top1": classify_top1(engine, teacher, t.test_set, view,
-                                                                 desc=f"{t.name} test")})
+                                 {"teacher": t.identity, "data": record["data"], "seed": t.seed,
+                                  "modality": record["modality"]}, data_seed=t.seed)
+        result = engine.run(stage, score)  # a finished stage comes back with its score
         timings[t.name] = result.get("seconds", 0.0)
         # reusable as teacher.checkpoint=<output_dir>/teacher.safetensors (teachers/teacher-<i>... in a pool)
         export(engine, t.name if t.position is None else f"teachers/{t.name}", teacher)
+    else:
+        result = score()
     teacher.eval().requires_grad_(False)
-    return {"top1": result["top1"], "view": t.view, "arch": t.section.model.arch,
+    if cfg.teachers and t.scored and t.test_logits is None:
+        score()
+    return {"top1": result["top1"], "view": t.view, "arch": t.section.model.arch, "seed": t.seed,
             "input_size": getattr(teacher, "input_size", None), "trained_here": not (t.as_built or t.held),
             "classes": t.test_set.classes if t.scored else None,
             "checkpoint_sha256": t.identity.get("checkpoint_sha256")}
 
 
-def build_student(cfg: TransferConfig, modality: Modality, method: str, teacher_classes: int) -> nn.Module:
-    """``method``'s student before distillation: every method's starts from the same weights
-    (seed + 1), with a classifier over the teacher's classes only when ``method`` needs logits."""
-    return build_backbone(cfg.student, modality.student_channels,
-                          teacher_classes if needs_logits(method) else 0, cfg.seed + 1)
+def _student_classes(spec: Method, teacher_classes: int, label_classes: int) -> int:
+    """The classifier of a method's student: over the labels' classes when it trains with CE, the
+    teachers' when a term reads logits (KD), none otherwise."""
+    return label_classes if spec.ce else teacher_classes if reads_logits(spec) else 0
 
 
 @register_task("transfer", TransferConfig, PROTOCOLS)
 def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
-    """Teachers (one, or a list) -> a student on another view, judged by probe, finetune or segmentation."""
+    """Teachers (one, a list, or M copies) -> a student, judged by test, probe, finetune or segmentation."""
     began = time.perf_counter()
     modality = modality_from_config(cfg.modality)
     student_view = view_fn(modality, modality.student_view)
     d = cfg.data
-    pool = [_resolve_teacher(cfg, modality, section, i) for i, section in enumerate(cfg.teachers)] \
-        if cfg.teachers else [_resolve_teacher(cfg, modality, cfg.teacher, None)]
+    teacher_split = functools.cache(lambda: open_split(d, d.teacher, cfg.seed, augment=True, labeled=True,
+                                                       role="teacher"))
+    pool = [_resolve_teacher(cfg, modality, section, i, teacher_split) for section, i in _sections(cfg)]
+    _refuse_duplicates(pool)
     probe_train = finetune_train = probe_test = None
     num_classes = 0
-    if CLASSIFY & set(cfg.protocols):
+    if ({"test"} | TRAIN_ON_PROBE) & set(cfg.protocols):
+        probe_test = open_split(d, d.probe_test, cfg.seed, augment=False, labeled=True, role="probe_test")
+        num_classes = _num_classes(probe_test, "probe_test", d.probe_test)
+    if TRAIN_ON_PROBE & set(cfg.protocols):
         probe_train = open_split(d, d.probe_train, cfg.seed, augment=False, labeled=True, role="probe_train")
         finetune_train = open_split(d, d.probe_train, cfg.seed, augment=True, labeled=True, role="probe_train")
-        probe_test = open_split(d, d.probe_test, cfg.seed, augment=False, labeled=True, role="probe_test")
         num_classes = _num_classes(probe_train, "probe_train", d.probe_train)
         check_classifiable(probe_train, probe_test, "data.probe_train", "data.probe_test")
     seg = _SegmentationData.open(cfg, engine) if "segmentation" in cfg.protocols else None
     counts = _teacher_counts(cfg, len(pool))
+    specs = {m: resolve_method(m, cfg.distill.weights, cfg.distill.warm_start, cfg.distill.ce_weight)
+             for m in cfg.distill.methods}
+    labeled = any(spec.ce for spec in specs.values())
     sizes = d.distill.subset if isinstance(d.distill.subset, list) else None
-    unlabeled = [_unlabeled(cfg, part) for part in
+    unlabeled = [_unlabeled(cfg, part, labeled) for part in
                  ([d.distill] if sizes is None else [replace(d.distill, subset=n) for n in sorted(sizes)])]
     for t in pool:
         _score_on(cfg, t, probe_test)
     classes = pool[0].classes
+    label_classes = len(unlabeled[0].dataset.classes) if labeled else 0
+    if "test" in cfg.protocols:  # it scores the student's own classifier: one over the test classes
+        for method, spec in specs.items():
+            if _student_classes(spec, classes, label_classes) != num_classes:
+                raise ConfigError(f"protocol test scores the student's own classifier, but {method!r} trains none "
+                                  f"over the {num_classes} classes of data.probe_test; give it cross-entropy "
+                                  "(distill.ce_weight > 0) or judge it with linear_probe")
     timings: dict[str, float] = {}
     record = identity(cfg)
     shared = {"student": record["student"], "data": record["data"], "modality": record["modality"], "seed": cfg.seed}
 
+    def student_of(method: str) -> nn.Module:
+        # every method's student starts from the same weights (seed + 1)
+        return build_backbone(cfg.student, modality.student_channels,
+                              _student_classes(specs[method], classes, label_classes), cfg.seed + 1)
+
     def stages_of(method: str, student: nn.Module, teachers: list[nn.Module], part: _Unlabeled) -> list:
-        data = part.data_record(record["data"], sizes)
+        data, spec = part.data_record(record["data"], sizes), specs[method]
+        if not spec.terms:  # no teacher: random trains nothing, ce only on labels
+            ce = spec.ce
+            return [supervised_stage(f"train-{method}{part.tag(sizes)}", student, part.dataset, student_view,
+                                     cfg.distill.train, {**shared, "data": data, "method": method, "ce_weight": ce,
+                                                         "distill": record["distill"]["train"]},
+                                     loss=lambda out, batch: ce * F.cross_entropy(out.logits, batch["label"]))] \
+                if spec.ce else []
         # One teacher: recorded as ``teacher``, as single-teacher runs always were; several: the list.
         taught = {"teacher": pool[0].identity} if not cfg.teachers else \
             {"teachers": [t.identity for t in pool[:len(teachers)]]}
@@ -317,16 +397,21 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     # teachers): a bad loss option or a K the distillation set cannot supply fails in seconds,
     # not after the teachers and the methods before it. The global RNG is left as it was.
     with torch.random.fork_rng(devices=[]):
-        scratch = [t.build(cfg, modality) for t in pool[:counts[-1]]]
+        scratch = [t.build(modality) for t in pool[:counts[-1]]]
         for part in unlabeled:
             for m in counts:
                 for method in cfg.distill.methods:
-                    if method != "random":
-                        stages_of(method, build_student(cfg, modality, method, classes), scratch[:m], part)
+                    if specs[method].terms:
+                        stages_of(method, student_of(method), scratch[:m], part)
         del scratch
 
-    # 1. the teachers
+    # 1. the teachers, and for each M the first M's averaged softmax
     reports = [_ready_teacher(cfg, engine, modality, t, record, timings) for t in pool[:counts[-1]]]
+    ensemble = {}
+    if cfg.teachers and all(t.scored for t in pool[:counts[-1]]):
+        labels = pool[0].test_set.labels
+        ensemble = {str(m): top1(torch.stack([t.test_logits.softmax(1) for t in pool[:m]]).mean(0), labels)
+                    for m in counts}
 
     rows = []
     for t in pool[:counts[-1]]:
@@ -340,12 +425,13 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     for part in unlabeled:
         for m in counts:
             for method in cfg.distill.methods:
-                if method == "random" and (part is not unlabeled[0] or m != counts[0]):
-                    continue  # reads no unlabeled image and no teacher: one row for every size and M
-                tag = "" if method == "random" else _tag(cfg, m) + part.tag(sizes)
+                spec = specs[method]
+                if not spec.terms and (m != counts[0] or part is not unlabeled[0] and not spec.ce):
+                    continue  # no teacher: one row for every M (random, reading no image, for every size too)
+                tag = (_tag(cfg, m) if spec.terms else "") + (part.tag(sizes) if spec.terms or spec.ce else "")
                 t0 = time.perf_counter()
-                student = build_student(cfg, modality, method, classes)
-                stages = stages_of(method, student, teachers[:m], part) if method != "random" else []
+                student = student_of(method)
+                stages = stages_of(method, student, teachers[:m], part)
                 for stage in stages:
                     engine.run(stage)
                 if stages:  # the distilled student, before any finetuning
@@ -357,9 +443,9 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
                 judged = _judge(cfg, engine, method, student, probe_train, finetune_train, probe_test, student_view,
                                 num_classes, record, pool[0].identity, distilled, timings, tag, data, seg)
                 extra = {}
-                if sizes is not None and method != "random":
+                if sizes is not None and (spec.terms or spec.ce):
                     extra["n_unlabeled"] = len(part.dataset)
-                if cfg.teachers and method != "random":
+                if cfg.teachers and spec.terms:
                     extra["n_teachers"] = m
                 rows.extend({**row, **extra} for row in judged)
     report = {"results": rows, "timings": {**timings, "total": time.perf_counter() - began}}
@@ -374,7 +460,10 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
         if cfg.segmentation.pictures and engine.is_main:
             save_legend(engine.output_dir / "pictures" / "legend.png", seg.classes)
     if cfg.teachers:
-        report["teachers"] = {"members": reports}
+        report["teachers"] = {"members": reports, **({"ensemble_top1": ensemble} if ensemble else {})}
+        if ensemble:
+            report["extra"] = {**report.get("extra", {}), "teacher ensemble (averaged softmax, test top1)":
+                               ", ".join(f"M={m}: {v:.2f}" for m, v in ensemble.items())}
     else:
         report["teacher"] = reports[0]
     return report
@@ -414,10 +503,13 @@ class _Unlabeled:
         return "" if sizes is None else f"-n{self.split.subset}"
 
 
-def _unlabeled(cfg: TransferConfig, part: UnlabeledSplit) -> _Unlabeled:
-    """The distillation split cut to ``part.subset``; on the Figure 3 axis a size the split cannot
-    supply is refused (the curve would repeat the whole split under another size's name)."""
-    dataset = open_split(cfg.data, part, cfg.seed, augment=True, labeled=cfg.distill.ce_weight > 0, role="distill")
+def _unlabeled(cfg: TransferConfig, part: UnlabeledSplit, labeled: bool) -> _Unlabeled:
+    """The distillation split cut to ``part.subset`` (with its labels when a method trains with
+    CE); on the Figure 3 axis a size the split cannot supply is refused (the curve would repeat the
+    whole split under another size's name)."""
+    dataset = open_split(cfg.data, part, cfg.seed, augment=True, labeled=labeled, role="distill")
+    if labeled:
+        _num_classes(dataset, "distill", part)
     listed = isinstance(cfg.data.distill.subset, list)
     if listed and len(dataset) < part.subset:
         raise ConfigError(f"data.distill.subset lists {part.subset}, but split {part.split!r} holds "
@@ -451,6 +543,9 @@ def _judge(cfg, engine, method, student, probe_train, finetune_train, probe_test
     """The rows of one student under each protocol; ``tag`` ends its stages' names and ``data``
     is the data record of its later stages. Finetuning, which changes the student, comes last."""
     rows = []
+    if "test" in cfg.protocols:
+        rows.append({"method": method, "protocol": "test", "metric": "top1", "value": classify_top1(
+            engine, student, probe_test, view, desc=f"test-{method}{tag}")})
     if "linear_probe" in cfg.protocols:
         t0 = time.perf_counter()
         result = linear_probe(engine, student, probe_train, probe_test, view, num_classes,
