@@ -129,6 +129,9 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
                 raise ConfigError(f"override {key!r}: {'.'.join(parts[:i + 1])} is {node!r}, not a mapping")
             continue
         child = node.get(part)
+        if parts[i + 1].isdigit() and not isinstance(child, list):
+            raise ConfigError(f"override {key!r}: {'.'.join(parts[:i + 1])} is {child!r}, not a list; a number "
+                              "names an entry of a list")
         if isinstance(child, str):  # "data: stl10" shorthand followed by "data.root=..."
             child = {"name": child}
         elif not isinstance(child, (dict, list)):
@@ -318,6 +321,15 @@ RETIRED_TASKS = {"rgbd": "task 'transfer' with protocols: [segmentation] and tea
                              "(see recipes/ensemble-cifar.yaml)"}
 
 
+def _unshared(node: Any) -> Any:
+    """A copy in which no two places hold one mapping or list: entries a YAML anchor shares
+    (``teachers[1]`` made from ``teachers[0]``) then take overrides apart (``copy.deepcopy``
+    would keep them shared)."""
+    if isinstance(node, dict):
+        return {k: _unshared(v) for k, v in node.items()}
+    return [_unshared(v) for v in node] if isinstance(node, list) else node
+
+
 def resolve(recipe: str, overrides: list[str], schemas: dict[str, type]) -> Any:
     """Read ``recipe``, apply its quick block if ``quick=true``, then the overrides; type it.
 
@@ -326,7 +338,7 @@ def resolve(recipe: str, overrides: list[str], schemas: dict[str, type]) -> Any:
         overrides: ``key=value`` strings, dotted keys for nested sections.
         schemas: task name -> dataclass of that task's config.
     """
-    data = read_recipe(recipe)
+    data = _unshared(read_recipe(recipe))
     parsed = parse_overrides(overrides)
     for key, value in parsed:
         if key == "quick":

@@ -66,10 +66,14 @@ def combine_seeds(reports: Sequence[Mapping[str, Any]], seeds: Sequence[int]) ->
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         results.append({**dict(key), "value": mean, "sd": sd, "n": len(values)})
     combined = {k: v for k, v in reports[0].items() if k not in ("results", "timings", "seed")}
+    pools = [(r.get("teachers") or {}).get("ensemble_top1") for r in reports]
+    if all(pools):  # the teachers' averaged softmax, per M: the mean over seeds as well
+        combined["teachers"] = {**combined["teachers"], "ensemble_top1": {
+            m: statistics.fmean(float(p[m]) for p in pools) for m in pools[0] if all(m in p for p in pools)}}
     combined.update(
         results=results, seeds=list(seeds),
-        by_seed=[{"seed": seed, "results": r["results"], "teacher": r.get("teacher"), "timings": r.get("timings"),
-                  "threads": r.get("threads")} for seed, r in zip(seeds, reports)],
+        by_seed=[{"seed": seed, "results": r["results"], "teacher": r.get("teacher"), "teachers": r.get("teachers"),
+                  "timings": r.get("timings"), "threads": r.get("threads")} for seed, r in zip(seeds, reports)],
         timings={"total": sum((r.get("timings") or {}).get("total", 0.0) for r in reports)},
     )
     return combined

@@ -115,6 +115,13 @@ def _checkpoint(path, num_classes: int, seed: int = 0, in_channels: int = 3):
     ("ensemble-cifar", ["data.train.subset=10"], "recipe key 'data.train' is now 'data.teacher and data.distill'"),
     ("ensemble-cifar", ["distill.methods=[ce,dml]"], "unknown distillation method 'dml'"),
     ("ensemble-cifar", ["distill.methods=[crd]"], "protocol test scores the student's own classifier, but 'crd'"),
+    ("ensemble-cifar", ["distill.methods=[random,ce]"], "but 'random' trains none over the 10 classes of "
+                                                        "data.probe_test; drop it"),
+    ("ensemble-cifar", ["distill.weights.ce=0", "distill.methods=[crd_ensemble]"], "set distill.weights.ce > 0"),
+    ("ensemble-cifar", ["distill.ce_weight=0.3"], "distill.ce_weight: ce fixes its own CE weight; override it with "
+                                                  "distill.weights.ce"),
+    ("ensemble-cifar", ["teachers=2", "teacher.checkpoint=/nowhere.pt"], "teachers=2 copies teacher, whose checkpoint"),
+    ("ensemble-cifar", ["teachers.1.train.epochs=0"], "teachers is 8, not a list"),
 ])
 def test_bad_pool_is_one_line_exit_2(tmp_path, capsys, recipe, overrides, message):
     out = tmp_path / "x"
@@ -170,3 +177,47 @@ def test_a_recipe_of_the_former_ensemble_task_is_told_what_it_now_is(tmp_path, c
     assert main(["run", str(recipe), f"output_dir={tmp_path / 'run'}"]) == 2
     assert "now task 'transfer' with teachers: M (copies of teacher) or a list, and protocols: [test]" in _error(capsys)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_override_of_one_entry_leaves_the_entry_an_anchor_copied_alone():
+    from xmodal.config import resolve
+    from xmodal.tasks.transfer import TransferConfig
+
+    schemas = {"transfer": TransferConfig}  # ensemble-lab makes teachers[1] from teachers[0] by a YAML anchor
+    assert [t.train.epochs for t in resolve("ensemble-lab", ["teachers.1.train.epochs=0"], schemas).teachers] == [15, 0]
+    assert [t.train.epochs for t in resolve("ensemble-lab", ["teachers.0.train.epochs=7"], schemas).teachers] == [7, 15]
+
+
+def test_the_pools_of_different_run_seeds_share_no_teacher():
+    from xmodal.config import resolve
+    from xmodal.tasks.transfer import TransferConfig, _sections
+
+    def seeds(*overrides):
+        return [section.seed for section, _ in _sections(resolve("ensemble-cifar", list(overrides),
+                                                                 {"transfer": TransferConfig}))]
+
+    assert seeds("teachers=3") == [0, 1, 2] and seeds("teachers=3", "seed=1") == [3, 4, 5]
+    assert seeds("teachers=2", "seed=1", "teacher.seed=10") == [10, 11]
+
+
+def test_combined_seeds_average_the_teachers_ensemble_and_keep_each_pool():
+    from xmodal.report import combine_seeds
+
+    def report(value, pool):
+        return {"results": [{"method": "ce", "protocol": "test", "metric": "top1", "value": value}],
+                "teachers": {"members": [], "ensemble_top1": pool}}
+
+    combined = combine_seeds([report(40.0, {"1": 10.0, "2": 14.0}), report(42.0, {"1": 12.0, "2": 16.0})], [0, 1])
+    assert combined["teachers"]["ensemble_top1"] == {"1": 11.0, "2": 15.0}
+    assert [s["teachers"]["ensemble_top1"]["2"] for s in combined["by_seed"]] == [14.0, 16.0]
+    assert combined["results"][0]["value"] == 41.0
+
+
+def test_a_ce_only_run_trains_no_teacher(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", "ensemble-cifar", f"output_dir={out}", "data.options={num_samples: 120}", "data.num_workers=0",
+                 "teachers=2", "distill.n_teachers=[1,2]", "distill.methods=[ce]", "student.options={width: 4}",
+                 "distill.train.epochs=1", "distill.train.batch_size=40"]) == 0
+    assert sorted(p.name for p in (out / "stages").iterdir()) == ["train-ce"]
+    report = json.loads((out / "report.json").read_text())
+    assert [(r["method"], r["protocol"]) for r in report["results"]] == [("ce", "test")]

@@ -98,7 +98,8 @@ def resolve_method(method: str, weights: Mapping[str, float], warm_start: bool =
         valid = sorted(set(PRESETS) | set(losses.available()))
         raise ConfigError(f"unknown distillation method {method!r}; expected one of {', '.join(valid)}")
     terms = {name: float(weights.get(name, weight)) for name, weight in preset.terms.items()}
-    ce = float(weights.get("ce", preset.ce)) if preset.ce else float(ce_weight)
+    # ``random`` stays the untrained reference whatever ``distill.ce_weight`` says
+    ce = float(weights.get("ce", preset.ce)) if preset.ce else float(ce_weight) if preset.terms else 0.0
     return Method(terms, warm_start=preset.warm_start or warm_start, options=preset.options, ce=ce)
 
 

@@ -6,7 +6,7 @@ Stages, each resumable and skipped when an earlier run in the same ``output_dir`
 1. teacher: trained with labels on the teacher view (e.g. L), loaded from a checkpoint, or used
    as built (ImageNet weights); its top-1 on the test split is reported where its classes are
    the data's. Several teachers (``teacher-<i>``): a ``teachers`` list, each on its own view, or
-   ``teachers: M``, M copies of ``teacher`` initialised and shuffled from seeds ``seed + i``
+   ``teachers: M``, M copies of ``teacher`` initialised and shuffled from seeds ``seed * M + i``
    (the CRD paper's ensembles); their averaged softmax is scored for each M too;
 2. distill-<method>: for each method, a fresh student (same seed, so every method starts from
    the same weights) learns from the frozen teacher on the distillation split, without labels
@@ -40,7 +40,7 @@ from xmodal.models.checkpoint import CheckpointFile, load_weights_into, open_che
 from xmodal.schema import (DistillSection, ImageDataConfig, ModalityConfig, ModelConfig, OptimConfig, RunConfig, SplitConfig,
                            TrainConfig, check_same_classes)
 from xmodal.tasks import register_task
-from xmodal.tasks.distill import (Method, bank_sizes, distill_stages, reads_logits, recipe_loss_options,
+from xmodal.tasks.distill import (PRESETS, Method, bank_sizes, distill_stages, reads_logits, recipe_loss_options,
                                   resolve_method, teacher_scales)
 from xmodal.tasks.evaluation import classify_top1, extract, top1
 from xmodal.tasks.linear_probe import ProbeConfig, linear_probe
@@ -86,7 +86,7 @@ class TeacherSection:
     ``probe``: also report a linear probe on the teacher's own features of its view of the probe
     data (a row ``teacher``): the ceiling of what its representation tells about the probe's classes.
     ``seed``: the initialisation and data order of a teacher trained here (``None``: the run's
-    ``seed`` plus its position in ``teachers``).
+    ``seed`` times the number of teachers, plus its position in ``teachers``).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -101,7 +101,7 @@ class TeacherSection:
 @dataclass
 class TransferConfig(RunConfig):
     """Schema of recipes with ``task: transfer``. ``teachers``: a list of teacher sections, or a
-    number M of copies of ``teacher`` (seeds ``seed + i``)."""
+    number M of copies of ``teacher`` (seeds ``seed * M + i``)."""
 
     #: Keys of the former ensemble task and the keys that hold them now.
     renamed: ClassVar[dict[str, str]] = {"student_seeds": "seeds (each seed runs the whole recipe)"}
@@ -131,6 +131,13 @@ class TransferConfig(RunConfig):
         counts = self.distill.n_teachers
         if isinstance(self.teachers, int) and self.teachers < 1:
             raise ConfigError(f"teachers={self.teachers}: give a number of copies of teacher >= 1, or a list")
+        if isinstance(self.teachers, int) and self.teachers > 1 and self.teacher.checkpoint:
+            raise ConfigError(f"teachers={self.teachers} copies teacher, whose checkpoint would be one network "
+                              f"{self.teachers} times; list the checkpoints under teachers instead")
+        fixed = [m for m in self.distill.methods if m in PRESETS and PRESETS[m].ce]
+        if fixed and self.distill.ce_weight:
+            raise ConfigError(f"distill.ce_weight: {fixed[0]} fixes its own CE weight; override it with "
+                              "distill.weights.ce")
         if isinstance(self.teachers, list) and self.teachers and self.teacher != TeacherSection():
             raise ConfigError("teacher and a teachers list are both set; give one teacher under teacher, several "
                               "under teachers (or teachers: M copies of teacher)")
@@ -199,9 +206,10 @@ def _teacher_key(position: Optional[int]) -> str:
 
 def _sections(cfg: TransferConfig) -> list[tuple[TeacherSection, Optional[int]]]:
     """Every teacher's section and position: ``teacher`` alone, the ``teachers`` list, or
-    ``teachers: M`` copies of ``teacher`` with seeds ``seed + i`` (its own ``seed`` if set)."""
+    ``teachers: M`` copies of ``teacher`` with seeds ``seed * M + i`` (``teacher.seed + i`` if set),
+    so the pools of runs with different seeds share no network."""
     if isinstance(cfg.teachers, int):
-        first = cfg.seed if cfg.teacher.seed is None else cfg.teacher.seed
+        first = cfg.seed * cfg.teachers if cfg.teacher.seed is None else cfg.teacher.seed
         return [(replace(cfg.teacher, seed=first + i), i) for i in range(cfg.teachers)]
     return [(s, i) for i, s in enumerate(cfg.teachers)] if cfg.teachers else [(cfg.teacher, None)]
 
@@ -231,7 +239,8 @@ def _resolve_teacher(cfg: TransferConfig, modality: Modality, section: TeacherSe
                           "teacher takes its split's classes, a checkpoint its own")
     # A teacher loaded, or used as built with its own classifier size, reads no teacher split.
     train_set = None if held is not None or as_built and section.num_classes is not None else teacher_split()
-    seed = cfg.seed + (position or 0) if section.seed is None else section.seed
+    several = len(cfg.teachers) if isinstance(cfg.teachers, list) else 1  # seeds of runs' pools stay apart
+    seed = cfg.seed * several + (position or 0) if section.seed is None else section.seed
     return _Teacher(section, position, seed, view, held, as_built, train_set, taught_by(identity(section), held))
 
 
@@ -355,11 +364,15 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
     classes = pool[0].classes
     label_classes = len(unlabeled[0].dataset.classes) if labeled else 0
     if "test" in cfg.protocols:  # it scores the student's own classifier: one over the test classes
+        if labeled:
+            check_classifiable(unlabeled[0].dataset, probe_test, "data.distill", "data.probe_test")
         for method, spec in specs.items():
             if _student_classes(spec, classes, label_classes) != num_classes:
+                fix = "drop it or judge it with linear_probe" if not spec.terms else \
+                    "set distill.weights.ce > 0" if method in PRESETS and PRESETS[method].ce else \
+                    "give it cross-entropy (distill.ce_weight > 0) or judge it with linear_probe"
                 raise ConfigError(f"protocol test scores the student's own classifier, but {method!r} trains none "
-                                  f"over the {num_classes} classes of data.probe_test; give it cross-entropy "
-                                  "(distill.ce_weight > 0) or judge it with linear_probe")
+                                  f"over the {num_classes} classes of data.probe_test; {fix}")
     timings: dict[str, float] = {}
     record = identity(cfg)
     shared = {"student": record["student"], "data": record["data"], "modality": record["modality"], "seed": cfg.seed}
@@ -405,16 +418,17 @@ def run_transfer(cfg: TransferConfig, engine: Engine) -> dict[str, Any]:
                         stages_of(method, student_of(method), scratch[:m], part)
         del scratch
 
-    # 1. the teachers, and for each M the first M's averaged softmax
-    reports = [_ready_teacher(cfg, engine, modality, t, record, timings) for t in pool[:counts[-1]]]
+    # 1. the teachers (of several, none when no method reads one), and for each M the first M's averaged softmax
+    used = pool[:counts[-1]] if not cfg.teachers or any(spec.terms for spec in specs.values()) else []
+    reports = [_ready_teacher(cfg, engine, modality, t, record, timings) for t in used]
     ensemble = {}
-    if cfg.teachers and all(t.scored for t in pool[:counts[-1]]):
+    if used and cfg.teachers and all(t.scored for t in used):
         labels = pool[0].test_set.labels
         ensemble = {str(m): top1(torch.stack([t.test_logits.softmax(1) for t in pool[:m]]).mean(0), labels)
                     for m in counts}
 
     rows = []
-    for t in pool[:counts[-1]]:
+    for t in used:
         if t.section.probe and probe_train is not None:
             t0 = time.perf_counter()
             result = linear_probe(engine, t.module, probe_train, probe_test, view_fn(modality, t.view), num_classes,
