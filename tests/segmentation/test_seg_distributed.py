@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import Dataset
 
-from gloo_ranks import free_port
+from gloo_ranks import free_port, spawn_ranks
 from xmodal.engine import Engine
 from xmodal.tasks.segmentation import evaluate_segmentation
 
@@ -50,10 +49,16 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
+    # the group over a file store (no TCP store thread in rank 0); Accelerate takes it as it is
+    torch.distributed.init_process_group("gloo", init_method=f"file://{out_dir}/gloo-store", rank=rank,
+                                         world_size=world)
     engine = Engine(Path(out_dir) / "run", cpu=True, num_workers=0, log=False)
     assert engine.world == world, engine.world
     scores, seen = _score(engine)
-    torch.save({"scores": scores, "seen": seen}, os.path.join(out_dir, f"rank{rank}.pt"))
+    path = os.path.join(out_dir, f"rank{rank}.pt")
+    torch.save({"scores": scores, "seen": seen}, path + ".part")
+    os.replace(path + ".part", path)
+    torch.distributed.barrier()
     engine.accelerator.end_training()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -77,8 +82,8 @@ def _counted() -> tuple[float, float]:
 
 @pytest.mark.slow
 def test_two_processes_score_like_one(tmp_path):
-    # spawn, not fork: a forked worker would inherit this process's Accelerate state (one process).
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    # spawned, not forked: a forked worker would inherit this process's Accelerate state (one process).
+    spawn_ranks(_worker, (2, free_port(), str(tmp_path)), 2, [tmp_path / f"rank{r}.pt" for r in range(2)])
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     seen = [set(r["seen"]) for r in ranks]
     assert seen[0] and seen[1] and not seen[0] & seen[1] and seen[0] | seen[1] == set(range(IMAGES))
