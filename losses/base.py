@@ -78,12 +78,12 @@ class DistillLoss(nn.Module):
         (a memory bank's ``nce_k`` negatives to ``n_data - 1``); unchanged for other losses."""
         return dict(options)
 
-    @torch.no_grad()
     @property
     def warm_rows(self) -> Optional[int]:
         """Samples a warm start must see to fill the memory (``None``: one whole pass)."""
         return None
 
+    @torch.no_grad()
     def warm_start(self, f_s: Tensor, f_t: Tensor, index: Tensor) -> None:
         """Fill the memory-bank rows ``index`` with this batch's pooled features (``memory_bank`` losses)."""
         raise NotImplementedError(f"{type(self).__name__} keeps no memory bank to warm-start")

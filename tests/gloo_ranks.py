@@ -33,26 +33,20 @@ def _rank_main(rank: int, world: int, store: str, out_dir: str, fn: Callable[[in
         dist.destroy_process_group()
 
 
-def spawn_ranks(main: Callable[..., None], args: tuple, world: int, results: list[Path]) -> None:
-    """``mp.spawn(main, args, nprocs=world)``, where each rank writes its file of ``results``
-    whole (write, then rename). A process that dies in gloo's teardown after every rank wrote
-    its result (a std::terminate at exit seen now and then on CPU) does not fail the run: the
-    results are whole and are what the tests compare."""
-    try:
-        mp.spawn(main, args=args, nprocs=world, join=True)
-    except mp.ProcessExitedException:
-        if not all(p.exists() for p in results):
-            raise
-
-
 def run_on_ranks(fn: Callable[[int, int], Any], world: int, out_dir: Path) -> list[Any]:
     """``fn(rank, world)`` on ``world`` spawned processes; returns each rank's result, rank order.
 
-    ``fn`` must be a module-level function (the children import it by name).
+    ``fn`` must be a module-level function (the children import it by name). A process that
+    dies in gloo's teardown after every rank wrote its result whole (a std::terminate at exit
+    seen now and then on CPU) does not fail the run: the results are what the tests compare.
     """
     out_dir = Path(out_dir)
     paths = [out_dir / f"rank{rank}.pt" for rank in range(world)]
-    spawn_ranks(_rank_main, (world, str(out_dir / "gloo-store"), str(out_dir), fn), world, paths)
+    try:
+        mp.spawn(_rank_main, args=(world, str(out_dir / "gloo-store"), str(out_dir), fn), nprocs=world, join=True)
+    except mp.ProcessExitedException:
+        if not all(p.exists() for p in paths):
+            raise
     return [torch.load(p, weights_only=False) for p in paths]
 
 

@@ -197,3 +197,14 @@ def test_queue_refuses_a_contrast_idx():
     crd = CRDLoss(4, 4, 20, feat_dim=4, nce_k=5, bank="queue")
     with pytest.raises(ValueError, match="contrast_idx does not apply"):
         crd(torch.randn(2, 4), torch.randn(2, 4), torch.tensor([0, 1]), contrast_idx=torch.zeros(2, 6, dtype=torch.long))
+
+
+def test_warm_rows_each_kind_of_memory_declares():
+    from losses import DistillLoss
+
+    class OwnBank(DistillLoss):  # a memory-bank loss that says nothing: a warm start reads one whole pass
+        memory_bank = True
+
+    assert OwnBank().warm_rows is None
+    assert CRDLoss(4, 4, 20, feat_dim=4, nce_k=5).warm_rows == 20  # every bank row
+    assert CRDLoss(4, 4, 20, feat_dim=4, nce_k=5, bank="queue").warm_rows == 5  # the queue's K

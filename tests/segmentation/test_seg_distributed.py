@@ -2,6 +2,7 @@
 those of one process and of a per-pixel count over all images."""
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from gloo_ranks import free_port, spawn_ranks
+from gloo_ranks import run_on_ranks
 from xmodal.engine import Engine
 from xmodal.tasks.segmentation import evaluate_segmentation
 
@@ -45,23 +46,13 @@ def _score(engine: Engine) -> tuple[dict, list[int]]:
     return scores, seen
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    # the group over a file store (no TCP store thread in rank 0); Accelerate takes it as it is
-    torch.distributed.init_process_group("gloo", init_method=f"file://{out_dir}/gloo-store", rank=rank,
-                                         world_size=world)
+def _worker(rank: int, world: int, out_dir: str) -> dict:
+    # the gloo group is up (run_on_ranks); Accelerate reads the rank and world from the environment
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     engine = Engine(Path(out_dir) / "run", cpu=True, num_workers=0, log=False)
     assert engine.world == world, engine.world
     scores, seen = _score(engine)
-    path = os.path.join(out_dir, f"rank{rank}.pt")
-    torch.save({"scores": scores, "seen": seen}, path + ".part")
-    os.replace(path + ".part", path)
-    torch.distributed.barrier()
-    engine.accelerator.end_training()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    return {"scores": scores, "seen": seen}
 
 
 def _counted() -> tuple[float, float]:
@@ -83,8 +74,7 @@ def _counted() -> tuple[float, float]:
 @pytest.mark.slow
 def test_two_processes_score_like_one(tmp_path):
     # spawned, not forked: a forked worker would inherit this process's Accelerate state (one process).
-    spawn_ranks(_worker, (2, free_port(), str(tmp_path)), 2, [tmp_path / f"rank{r}.pt" for r in range(2)])
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = run_on_ranks(functools.partial(_worker, out_dir=str(tmp_path)), 2, tmp_path)
     seen = [set(r["seen"]) for r in ranks]
     assert seen[0] and seen[1] and not seen[0] & seen[1] and seen[0] | seen[1] == set(range(IMAGES))
     single, single_seen = _score(Engine(tmp_path / "one", cpu=True, num_workers=0, log=False))

@@ -26,15 +26,14 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from xmodal.config import NOT_IDENTITY
-from xmodal.data import build_dataset
 from xmodal.data.base import IGNORE_INDEX
 from xmodal.engine import Engine
 from xmodal.stage import Stage
 from xmodal.errors import ConfigError, DataError
 from xmodal.models.base import Backbone
 from xmodal.models.segmentation import DECODERS, build_segmenter
-from xmodal.schema import ImageDataConfig, OptimConfig, TrainConfig
-from xmodal.data.subset import SubsetDataset
+from xmodal.schema import ImageDataConfig, OptimConfig, SplitConfig, TrainConfig
+from xmodal.data.subset import SubsetDataset, open_split
 from xmodal.tasks.seg_pictures import save_pictures
 from xmodal.tasks.supervised import supervised_stage
 
@@ -234,8 +233,7 @@ def picture_dir(output_dir: Path, method: str, mode: str) -> Path:
 
 # ------------------------------------------------------------------ protocol
 def _frames(data: ImageDataConfig, split: str, seed: int, augment: bool) -> Dataset:
-    return build_dataset(data.name, data.root, split, augment=data.augment if augment else None, labeled=True,
-                         **{"seed": seed, **data.options})
+    return open_split(data, SplitConfig(split), seed, augment=augment, labeled=True, role="segmentation")
 
 
 def segmentation_data(data: ImageDataConfig, seg: SegmentationConfig, seed: int) -> tuple[Dataset, Dataset, dict[str, Any]]:
